@@ -1,0 +1,196 @@
+//! Response bodies: the app's streamed body holding its admission until it ends, or a short
+//! body tidegate writes itself.
+
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+
+use crate::config::ClientAbort;
+use crate::health::Progress;
+use crate::limit::Admission;
+
+/// The body of every response the proxy lane sends.
+#[derive(Debug)]
+pub enum ResponseBody {
+    /// Streamed from the app.
+    Upstream(UpstreamBody),
+    /// Written by tidegate (refusals, errors); empty when `None` was given.
+    Local(Option<Bytes>),
+}
+
+/// What an exchange with the app holds until it is over: the slot, and the progress clock
+/// that `/app/livez` reads.
+#[derive(Debug)]
+pub struct ExchangeGuard {
+    admission: Admission,
+    progress: Progress,
+    on_abort: ClientAbort,
+}
+
+/// The app's response body. Holds its [`ExchangeGuard`] until the last frame is read.
+///
+/// When the client goes away first and `--on-client-abort finish` is set, the rest of the body
+/// is read and discarded in the background, so the slot is held until the app is done.
+#[derive(Debug)]
+pub struct UpstreamBody {
+    inner: Option<Incoming>,
+    guard: Option<ExchangeGuard>,
+}
+
+// === impl ResponseBody ===
+
+impl ResponseBody {
+    /// A body written by tidegate.
+    pub fn local(text: &'static str) -> ResponseBody {
+        ResponseBody::Local(Some(Bytes::from_static(text.as_bytes())))
+    }
+
+    /// An empty body.
+    pub fn empty() -> ResponseBody {
+        ResponseBody::Local(None)
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            ResponseBody::Upstream(body) => Pin::new(body).poll_frame(cx),
+            ResponseBody::Local(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ResponseBody::Upstream(body) => body.is_end_stream(),
+            ResponseBody::Local(bytes) => bytes.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ResponseBody::Upstream(body) => body.size_hint(),
+            ResponseBody::Local(bytes) => {
+                SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
+            }
+        }
+    }
+}
+
+// === impl ExchangeGuard ===
+
+impl ExchangeGuard {
+    /// Ties an admission to the exchange it admitted.
+    pub fn new(admission: Admission, progress: Progress, on_abort: ClientAbort) -> ExchangeGuard {
+        ExchangeGuard {
+            admission,
+            progress,
+            on_abort,
+        }
+    }
+
+    /// The app finished the exchange: note its progress and free the slot.
+    pub fn complete(self) {
+        self.progress.record();
+        drop(self.admission);
+    }
+
+    /// The client-abort mode the exchange runs with.
+    pub fn on_abort(&self) -> ClientAbort {
+        self.on_abort
+    }
+}
+
+// === impl UpstreamBody ===
+
+impl UpstreamBody {
+    /// Wraps the app's body; `guard` is released when the body ends.
+    pub fn new(inner: Incoming, guard: ExchangeGuard) -> UpstreamBody {
+        let mut body = UpstreamBody {
+            inner: Some(inner),
+            guard: Some(guard),
+        };
+        body.release_if_ended();
+        body
+    }
+
+    fn release_if_ended(&mut self) {
+        if self.inner.as_ref().is_none_or(Body::is_end_stream) {
+            if let Some(guard) = self.guard.take() {
+                guard.complete();
+            }
+        }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let frame = ready!(Pin::new(inner).poll_frame(cx));
+        match &frame {
+            Some(Ok(_)) => this.release_if_ended(),
+            // The exchange is over either way: an error mid-body ends it too.
+            None | Some(Err(_)) => {
+                this.inner = None;
+                this.release_if_ended();
+            }
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.as_ref().is_none_or(Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
+    }
+}
+
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        let (Some(guard), Some(body)) = (self.guard.take(), self.inner.take()) else {
+            return;
+        };
+        if guard.on_abort == ClientAbort::Cancel {
+            // Dropping the body closes the upstream connection; the slot frees now.
+            return;
+        }
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(discard_rest(body, guard));
+            }
+            Err(_) => tracing::debug!("No runtime to finish an abandoned exchange"),
+        }
+    }
+}
+
+/// Reads what is left of an abandoned response, then frees its slot.
+async fn discard_rest(mut body: Incoming, guard: ExchangeGuard) {
+    while let Some(frame) = body.frame().await {
+        if frame.is_err() {
+            break;
+        }
+    }
+    guard.complete();
+}

@@ -1,0 +1,407 @@
+//! Command-line flags, their `TIDEGATE_*` environment variables, and the validated [`Config`].
+//!
+//! Every flag can also be set through the environment variable named after it
+//! (`--max-concurrency` is `TIDEGATE_MAX_CONCURRENCY`); a flag on the command line wins.
+//! Values are validated once, before any socket is bound.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+use crate::limit::RouteLimit;
+
+/// Parsed command line of the `tidegate` binary.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "tidegate",
+    version,
+    about = "Sidecar reverse proxy that sheds load, answers probes on a reserved lane and drains on SIGTERM",
+    after_help = "Every flag can also be set with the environment variable TIDEGATE_<FLAG> \
+                  (e.g. TIDEGATE_MAX_CONCURRENCY). Durations use humantime syntax: 500ms, 15s, 2m.\n\
+                  Supervisor mode: tidegate [FLAGS] -- CMD [ARGS...] runs the app as a child process."
+)]
+pub struct Args {
+    /// Address the proxy listens on for app traffic
+    #[arg(
+        long,
+        env = "TIDEGATE_LISTEN",
+        default_value = "0.0.0.0:8080",
+        value_name = "ADDR"
+    )]
+    pub listen: SocketAddr,
+
+    /// The app: http://host:port or unix:/path/to.sock
+    #[arg(long, env = "TIDEGATE_UPSTREAM", default_value = "http://127.0.0.1:8000", value_name = "URL", value_parser = parse_upstream)]
+    pub upstream: Upstream,
+
+    /// Address of the admin listener (/livez, /readyz, /app/livez, /metrics, /prestop, /drain)
+    #[arg(
+        long,
+        env = "TIDEGATE_ADMIN_LISTEN",
+        default_value = "0.0.0.0:9901",
+        value_name = "ADDR"
+    )]
+    pub admin_listen: SocketAddr,
+
+    /// Worker threads of the proxy runtime [default: CPUs allowed by the cgroup quota]
+    #[arg(long, env = "TIDEGATE_THREADS", value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub threads: Option<u16>,
+
+    /// Speak HTTP/2 with prior knowledge (h2c) to the app
+    #[arg(long, env = "TIDEGATE_UPSTREAM_HTTP2")]
+    pub upstream_http2: bool,
+
+    /// Time allowed to open a connection to the app (504 when exceeded)
+    #[arg(long, env = "TIDEGATE_CONNECT_TIMEOUT", default_value = "2s", value_name = "DURATION", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+
+    /// Time allowed for the app's response head per request (504 when exceeded) [default: none]
+    #[arg(long, env = "TIDEGATE_UPSTREAM_TIMEOUT", value_name = "DURATION", value_parser = parse_duration)]
+    pub upstream_timeout: Option<Duration>,
+
+    /// Time a client has to send a complete request head (slowloris guard)
+    #[arg(long, env = "TIDEGATE_HEADER_READ_TIMEOUT", default_value = "10s", value_name = "DURATION", value_parser = parse_duration)]
+    pub header_read_timeout: Duration,
+
+    /// What happens to the app's exchange when the client disconnects mid-request
+    #[arg(long, env = "TIDEGATE_ON_CLIENT_ABORT", value_enum, default_value_t = ClientAbort::Finish)]
+    pub on_client_abort: ClientAbort,
+
+    /// Add a `Via: 1.1 tidegate` header both ways
+    #[arg(long, env = "TIDEGATE_VIA")]
+    pub via: bool,
+
+    /// Log format
+    #[arg(long, env = "TIDEGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Log filter (tracing env-filter syntax, e.g. `info` or `tidegate=debug`)
+    #[arg(
+        long,
+        env = "TIDEGATE_LOG",
+        default_value = "info",
+        value_name = "FILTER"
+    )]
+    pub log: String,
+
+    /// Log one line per proxied request
+    #[arg(long, env = "TIDEGATE_ACCESS_LOG", default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub access_log: bool,
+
+    /// Requests in flight to the app at most [default: unlimited]
+    #[arg(long, env = "TIDEGATE_MAX_CONCURRENCY", value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_concurrency: Option<u32>,
+
+    /// Requests that may wait for a slot, all routes together [default: --max-concurrency]
+    #[arg(long, env = "TIDEGATE_MAX_QUEUE", value_name = "N")]
+    pub max_queue: Option<u32>,
+
+    /// Longest a request waits in the queue before a 503 queue-timeout
+    #[arg(long, env = "TIDEGATE_QUEUE_TIMEOUT", default_value = "1s", value_name = "DURATION", value_parser = parse_duration)]
+    pub queue_timeout: Duration,
+
+    /// Route bulkhead PREFIX=K: requests under PREFIX hold at most K slots (repeatable)
+    #[arg(long = "route", env = "TIDEGATE_ROUTE", value_name = "PREFIX=K", value_delimiter = ',', value_parser = parse_route)]
+    pub routes: Vec<RouteLimit>,
+
+    /// Base Retry-After sent with 503 refusals
+    #[arg(long, env = "TIDEGATE_RETRY_AFTER", default_value = "1s", value_name = "DURATION", value_parser = parse_duration)]
+    pub retry_after: Duration,
+
+    /// Random extra Retry-After, so refused clients do not return in lockstep
+    #[arg(long, env = "TIDEGATE_RETRY_AFTER_JITTER", default_value = "1s", value_name = "DURATION", value_parser = parse_duration)]
+    pub retry_after_jitter: Duration,
+
+    /// Path of the app's health endpoint [default: a TCP connect check]
+    #[arg(long, env = "TIDEGATE_APP_HEALTH_PATH", value_name = "PATH")]
+    pub app_health_path: Option<String>,
+
+    /// Time between app health checks
+    #[arg(long, env = "TIDEGATE_APP_HEALTH_INTERVAL", default_value = "1s", value_name = "DURATION", value_parser = parse_duration)]
+    pub app_health_interval: Duration,
+
+    /// Time one app health check may take
+    #[arg(long, env = "TIDEGATE_APP_HEALTH_TIMEOUT", default_value = "1s", value_name = "DURATION", value_parser = parse_duration)]
+    pub app_health_timeout: Duration,
+
+    /// Consecutive failed checks that make the app unhealthy
+    #[arg(long, env = "TIDEGATE_APP_HEALTH_FAILURE_THRESHOLD", default_value_t = 3, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub app_health_failure_threshold: u32,
+
+    /// Consecutive passed checks that make the app healthy again
+    #[arg(long, env = "TIDEGATE_APP_HEALTH_SUCCESS_THRESHOLD", default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub app_health_success_threshold: u32,
+
+    /// /app/livez fails when the app neither passed a check nor completed a response for this long
+    #[arg(long, env = "TIDEGATE_PROGRESS_WINDOW", default_value = "30s", value_name = "DURATION", value_parser = parse_duration)]
+    pub progress_window: Duration,
+
+    /// /livez fails when the proxy runtime's heartbeat is older than this
+    #[arg(long, env = "TIDEGATE_HEARTBEAT_TIMEOUT", default_value = "5s", value_name = "DURATION", value_parser = parse_duration)]
+    pub heartbeat_timeout: Duration,
+
+    /// Fail /readyz while the queue is full (off: every replica may go unready at once)
+    #[arg(long, env = "TIDEGATE_UNREADY_WHEN_SATURATED")]
+    pub unready_when_saturated: bool,
+
+    /// On SIGTERM, keep serving this long with /readyz failing before closing listeners
+    #[arg(long, env = "TIDEGATE_SHUTDOWN_DELAY", default_value = "10s", value_name = "DURATION", value_parser = parse_duration)]
+    pub shutdown_delay: Duration,
+
+    /// Longest wait for in-flight requests once listeners are closed
+    #[arg(long, env = "TIDEGATE_DRAIN_TIMEOUT", default_value = "15s", value_name = "DURATION", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+
+    /// Supervisor mode: time between SIGTERM and SIGKILL for the child
+    #[arg(long, env = "TIDEGATE_CHILD_STOP_TIMEOUT", default_value = "4s", value_name = "DURATION", value_parser = parse_duration)]
+    pub child_stop_timeout: Duration,
+
+    /// Supervisor mode: the app command to run as a child, after `--`
+    #[arg(last = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+/// Where the app listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Upstream {
+    /// `http://host:port`: TCP, resolved on each new connection.
+    Tcp {
+        /// `host:port` as given.
+        authority: http::uri::Authority,
+    },
+    /// `unix:/path`: a Unix domain socket.
+    Unix {
+        /// Socket path.
+        path: PathBuf,
+    },
+}
+
+/// What to do with the app's exchange when the client goes away mid-request.
+#[derive(Debug, Copy, Clone, PartialEq, Eq, ValueEnum)]
+pub enum ClientAbort {
+    /// Let the app finish and discard its response; the slot stays held until it does.
+    Finish,
+    /// Close the upstream request at once.
+    Cancel,
+}
+
+/// Log output format.
+#[derive(Debug, Copy, Clone, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// A flag combination that parses but makes no sense.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A route limit is larger than the global limit.
+    #[error("--route {prefix}={limit}: route limit exceeds --max-concurrency {global}")]
+    RouteAboveGlobal {
+        /// The route's prefix.
+        prefix: String,
+        /// The route's limit.
+        limit: u32,
+        /// The global limit.
+        global: u32,
+    },
+    /// The same prefix was given twice.
+    #[error("--route {0}: prefix given more than once")]
+    DuplicateRoute(String),
+    /// `--max-queue` without `--max-concurrency` or routes has nothing to queue for.
+    #[error("--max-queue needs --max-concurrency or --route")]
+    QueueWithoutLimit,
+    /// The health path must be an absolute path.
+    #[error("--app-health-path {0:?}: must start with '/'")]
+    HealthPath(String),
+    /// A duration that must be positive is zero.
+    #[error("--{0}: must be greater than zero")]
+    ZeroDuration(&'static str),
+}
+
+/// The validated configuration the server runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The flags as given.
+    pub args: Args,
+}
+
+// === impl Args ===
+
+impl Args {
+    /// Validates cross-field rules and returns the runnable [`Config`].
+    pub fn validate(self) -> Result<Config, ConfigError> {
+        if self.max_queue.is_some() && self.max_concurrency.is_none() && self.routes.is_empty() {
+            return Err(ConfigError::QueueWithoutLimit);
+        }
+        let mut seen = std::collections::HashSet::new();
+        for route in &self.routes {
+            if !seen.insert(route.prefix.clone()) {
+                return Err(ConfigError::DuplicateRoute(route.prefix.clone()));
+            }
+            if let Some(global) = self.max_concurrency {
+                if route.limit > global {
+                    return Err(ConfigError::RouteAboveGlobal {
+                        prefix: route.prefix.clone(),
+                        limit: route.limit,
+                        global,
+                    });
+                }
+            }
+        }
+        if let Some(path) = &self.app_health_path {
+            if !path.starts_with('/') {
+                return Err(ConfigError::HealthPath(path.clone()));
+            }
+        }
+        for (name, value) in [
+            ("connect-timeout", self.connect_timeout),
+            ("header-read-timeout", self.header_read_timeout),
+            ("app-health-interval", self.app_health_interval),
+            ("app-health-timeout", self.app_health_timeout),
+            ("progress-window", self.progress_window),
+            ("heartbeat-timeout", self.heartbeat_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError::ZeroDuration(name));
+            }
+        }
+        if self.upstream_timeout.is_some_and(|d| d.is_zero()) {
+            return Err(ConfigError::ZeroDuration("upstream-timeout"));
+        }
+        Ok(Config { args: self })
+    }
+}
+
+// === impl Config ===
+
+impl Config {
+    /// Parses flags from an iterator (the first item is the program name) and validates them.
+    pub fn try_from_iter<I, T>(iter: I) -> Result<Config, Box<dyn std::error::Error + Send + Sync>>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        Ok(Args::try_parse_from(iter)?.validate()?)
+    }
+
+    /// Effective queue bound: `--max-queue`, else the global limit, else unbounded-by-queue (0).
+    pub fn max_queue(&self) -> usize {
+        match (self.args.max_queue, self.args.max_concurrency) {
+            (Some(q), _) => q as usize,
+            (None, Some(n)) => n as usize,
+            (None, None) => self.args.routes.iter().map(|r| r.limit as usize).sum(),
+        }
+    }
+
+    /// Worker threads for the proxy runtime: `--threads`, else what the cgroup CPU quota allows.
+    pub fn worker_threads(&self) -> usize {
+        match self.args.threads {
+            Some(n) => n as usize,
+            // std honours cgroup v1/v2 CPU quotas and the affinity mask on Linux.
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        }
+    }
+
+    /// Whether tidegate runs the app as its child process.
+    pub fn is_supervisor(&self) -> bool {
+        !self.args.command.is_empty()
+    }
+}
+
+fn parse_duration(value: &str) -> Result<Duration, String> {
+    humantime::parse_duration(value).map_err(|e| format!("{e} (expected e.g. 500ms, 15s, 2m)"))
+}
+
+fn parse_upstream(value: &str) -> Result<Upstream, String> {
+    if let Some(path) = value.strip_prefix("unix:") {
+        let path = path.strip_prefix("//").unwrap_or(path);
+        if path.is_empty() {
+            return Err("unix: needs a socket path, e.g. unix:/run/app.sock".into());
+        }
+        return Ok(Upstream::Unix { path: path.into() });
+    }
+    let uri: http::Uri = value
+        .parse()
+        .map_err(|e| format!("{e} (expected http://host:port or unix:/path)"))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some("https") => return Err("https upstreams are not supported; the app is local".into()),
+        _ => return Err("expected http://host:port or unix:/path".into()),
+    }
+    if uri.path() != "/" && !uri.path().is_empty() {
+        return Err("the upstream URL must not have a path".into());
+    }
+    let authority = uri.authority().cloned().ok_or("missing host")?;
+    let authority = if authority.port_u16().is_some() {
+        authority
+    } else {
+        format!("{}:80", authority.host())
+            .parse()
+            .map_err(|e| format!("{e}"))?
+    };
+    Ok(Upstream::Tcp { authority })
+}
+
+fn parse_route(value: &str) -> Result<RouteLimit, String> {
+    RouteLimit::parse(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, String> {
+        Config::try_from_iter(std::iter::once("tidegate").chain(args.iter().copied()))
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let cfg = parse(&[]).unwrap();
+        assert_eq!(cfg.args.listen.port(), 8080);
+        assert_eq!(cfg.args.on_client_abort, ClientAbort::Finish);
+        assert!(cfg.args.shutdown_delay + cfg.args.drain_timeout < Duration::from_secs(30));
+    }
+
+    #[test]
+    fn upstream_forms() {
+        let cfg = parse(&["--upstream", "unix:/run/app.sock"]).unwrap();
+        assert_eq!(
+            cfg.args.upstream,
+            Upstream::Unix {
+                path: "/run/app.sock".into()
+            }
+        );
+        let cfg = parse(&["--upstream", "http://localhost"]).unwrap();
+        assert!(
+            matches!(cfg.args.upstream, Upstream::Tcp { ref authority } if authority.as_str() == "localhost:80")
+        );
+        let err = parse(&["--upstream", "ftp://x"]).unwrap_err();
+        assert!(err.contains("--upstream"), "{err}");
+    }
+
+    #[test]
+    fn bad_duration_names_the_flag() {
+        let err = parse(&["--queue-timeout", "soon"]).unwrap_err();
+        assert!(err.contains("--queue-timeout"), "{err}");
+    }
+
+    #[test]
+    fn route_above_global_is_rejected() {
+        let err = parse(&["--max-concurrency", "2", "--route", "/slow=3"]).unwrap_err();
+        assert!(err.contains("--route /slow=3"), "{err}");
+    }
+
+    #[test]
+    fn queue_defaults_to_the_limit() {
+        let cfg = parse(&["--max-concurrency", "7"]).unwrap();
+        assert_eq!(cfg.max_queue(), 7);
+        let cfg = parse(&["--max-concurrency", "7", "--max-queue", "0"]).unwrap();
+        assert_eq!(cfg.max_queue(), 0);
+    }
+}

@@ -1,0 +1,258 @@
+//! What the probes report: tidegate's own liveness (a heartbeat from the proxy runtime), its
+//! readiness (serving, and the app passed its checks), and the app's liveness (progress).
+//!
+//! Probes answer from this cached state only; they never wait on the app.
+
+mod check;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+pub use self::check::{AppChecker, CheckConfig};
+use crate::drain::{Lifecycle, Phase};
+use crate::limit::Limiter;
+use crate::metrics::Metrics;
+
+/// A monotonic "last time something happened" cell, shared across threads and runtimes.
+#[derive(Clone, Debug)]
+pub struct Stamp {
+    base: Instant,
+    /// Milliseconds since `base` plus one; 0 means never.
+    millis: Arc<AtomicU64>,
+}
+
+/// The progress clock: stamped whenever the app completes a proxied response.
+pub type Progress = Stamp;
+
+/// Health state shared by the proxy lane, the health checker and the admin lane.
+#[derive(Clone, Debug)]
+pub struct HealthState {
+    shared: Arc<Shared>,
+}
+
+/// Settings that decide the probe answers.
+#[derive(Clone, Debug)]
+pub struct HealthConfig {
+    /// `/livez` fails when the proxy runtime's heartbeat is older than this.
+    pub heartbeat_timeout: Duration,
+    /// `/app/livez` fails when neither a check passed nor a response completed for this long.
+    pub progress_window: Duration,
+    /// Fail `/readyz` while the queue is full.
+    pub unready_when_saturated: bool,
+}
+
+#[derive(Debug)]
+struct Shared {
+    config: HealthConfig,
+    lifecycle: Lifecycle,
+    limiter: Limiter,
+    metrics: Arc<Metrics>,
+    heartbeat: Stamp,
+    progress: Progress,
+    last_pass: Stamp,
+    app_healthy: AtomicBool,
+    saturated: AtomicBool,
+}
+
+// === impl Stamp ===
+
+impl Stamp {
+    /// A stamp that has never been recorded.
+    pub fn new() -> Stamp {
+        Stamp {
+            base: Instant::now(),
+            millis: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// Records "now".
+    pub fn record(&self) {
+        let ms = self.base.elapsed().as_millis() as u64 + 1;
+        self.millis.store(ms, Ordering::Relaxed);
+    }
+
+    /// Time since the last record, or `None` if never recorded.
+    pub fn age(&self) -> Option<Duration> {
+        match self.millis.load(Ordering::Relaxed) {
+            0 => None,
+            ms => {
+                let at = Duration::from_millis(ms - 1);
+                Some(self.base.elapsed().saturating_sub(at))
+            }
+        }
+    }
+
+    /// Whether it was recorded within `window`.
+    pub fn within(&self, window: Duration) -> bool {
+        self.age().is_some_and(|age| age <= window)
+    }
+}
+
+impl Default for Stamp {
+    fn default() -> Self {
+        Stamp::new()
+    }
+}
+
+// === impl HealthState ===
+
+impl HealthState {
+    /// Creates the state; the app counts as unhealthy until its first check passes.
+    pub fn new(
+        config: HealthConfig,
+        lifecycle: Lifecycle,
+        limiter: Limiter,
+        metrics: Arc<Metrics>,
+    ) -> HealthState {
+        HealthState {
+            shared: Arc::new(Shared {
+                config,
+                lifecycle,
+                limiter,
+                metrics,
+                heartbeat: Stamp::new(),
+                progress: Stamp::new(),
+                last_pass: Stamp::new(),
+                app_healthy: AtomicBool::new(false),
+                saturated: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// The heartbeat the proxy runtime must keep stamping.
+    pub fn heartbeat(&self) -> &Stamp {
+        &self.shared.heartbeat
+    }
+
+    /// The progress clock the proxy stamps when the app completes a response.
+    pub fn progress(&self) -> &Progress {
+        &self.shared.progress
+    }
+
+    /// The shutdown lifecycle.
+    pub fn lifecycle(&self) -> &Lifecycle {
+        &self.shared.lifecycle
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.shared.metrics
+    }
+
+    /// `/livez`: the proxy runtime is responsive.
+    pub fn livez(&self) -> Result<(), String> {
+        let timeout = self.shared.config.heartbeat_timeout;
+        match self.shared.heartbeat.age() {
+            Some(age) if age <= timeout => Ok(()),
+            Some(age) => Err(format!(
+                "proxy runtime heartbeat is {}ms old (limit {}ms)",
+                age.as_millis(),
+                timeout.as_millis()
+            )),
+            None => Err("proxy runtime has not started".into()),
+        }
+    }
+
+    /// `/readyz`: serving, not draining, app healthy, and (optionally) not saturated.
+    pub fn readyz(&self) -> Result<(), String> {
+        let result = self.evaluate_ready();
+        self.shared.metrics.ready.set(i64::from(result.is_ok()));
+        result
+    }
+
+    fn evaluate_ready(&self) -> Result<(), String> {
+        let phase = self.shared.lifecycle.phase();
+        if phase != Phase::Serving {
+            return Err(format!("shutting down ({})", phase.as_str()));
+        }
+        if !self.shared.app_healthy.load(Ordering::Relaxed) {
+            return Err(if self.shared.last_pass.age().is_none() {
+                "app has not passed a health check yet".into()
+            } else {
+                "app is failing its health checks".into()
+            });
+        }
+        if self.shared.config.unready_when_saturated && self.saturated() {
+            return Err("queue is full".into());
+        }
+        Ok(())
+    }
+
+    /// `/app/livez`: the app passed a check or completed a response within the window.
+    pub fn app_livez(&self) -> Result<(), String> {
+        let window = self.shared.config.progress_window;
+        if self.shared.last_pass.within(window) || self.shared.progress.within(window) {
+            return Ok(());
+        }
+        if self.shared.last_pass.age().is_none() && self.shared.progress.age().is_none() {
+            // Never heard from the app: it is still starting, give it the window from start.
+            if self.shared.heartbeat.base.elapsed() <= window {
+                return Ok(());
+            }
+        }
+        Err(format!(
+            "app made no progress for {}s (no passed check, no completed response)",
+            window.as_secs()
+        ))
+    }
+
+    /// Whether the queue is full, with hysteresis: saturated when full, clear again only
+    /// when at most half full.
+    fn saturated(&self) -> bool {
+        let max = self.shared.limiter.max_queue();
+        if max == 0 {
+            return false;
+        }
+        let queued = self.shared.limiter.queued();
+        let was = self.shared.saturated.load(Ordering::Relaxed);
+        let now = if was { queued > max / 2 } else { queued >= max };
+        if now != was {
+            self.shared.saturated.store(now, Ordering::Relaxed);
+            tracing::info!(
+                queued,
+                max_queue = max,
+                saturated = now,
+                "Queue saturation changed"
+            );
+        }
+        now
+    }
+
+    /// Records the app's health as decided by the checker; logs changes once.
+    pub(crate) fn set_app_healthy(&self, healthy: bool) {
+        let was = self.shared.app_healthy.swap(healthy, Ordering::Relaxed);
+        self.shared.metrics.app_healthy.set(i64::from(healthy));
+        if was != healthy {
+            if healthy {
+                tracing::info!("App is healthy");
+            } else {
+                tracing::warn!("App is unhealthy");
+            }
+        }
+        // Keep the readiness gauge current even when nobody probes.
+        let _ = self.readyz();
+    }
+
+    /// Records a passed check.
+    pub(crate) fn record_pass(&self) {
+        self.shared.last_pass.record();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn stamp_ages() {
+        let stamp = Stamp::new();
+        assert_eq!(stamp.age(), None);
+        stamp.record();
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(stamp.within(Duration::from_secs(3)));
+        assert!(!stamp.within(Duration::from_secs(1)));
+    }
+}

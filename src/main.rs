@@ -1,0 +1,149 @@
+//! The `tidegate` binary: parse flags, set up logging, build the proxy runtime, run.
+
+#![forbid(unsafe_code)]
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tidegate::drain::{DrainOutcome, Lifecycle};
+use tidegate::supervise::Child;
+use tidegate::{Args, Config, EXIT_CONFIG, EXIT_DRAIN_TIMEOUT, EXIT_FAILURE, Server};
+
+fn main() -> ExitCode {
+    let config = match parse() {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    if let Err(error) = tidegate::logging::init(config.args.log_format, &config.args.log) {
+        eprintln!("tidegate: {}", chain(&error));
+        return ExitCode::from(EXIT_CONFIG as u8);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.worker_threads())
+        .thread_name("tidegate-proxy")
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(error) => {
+            eprintln!("tidegate: cannot start the proxy runtime: {error}");
+            return ExitCode::from(EXIT_FAILURE as u8);
+        }
+    };
+    let code = runtime.block_on(run(config));
+    // Connection tasks cut off by the drain timeout are dropped here, not waited for.
+    runtime.shutdown_background();
+    ExitCode::from(code.clamp(0, 255) as u8)
+}
+
+fn parse() -> Result<Config, ExitCode> {
+    let args = match Args::try_parse() {
+        Ok(args) => args,
+        Err(error) if !error.use_stderr() => {
+            // --help and --version.
+            let _ = error.print();
+            return Err(ExitCode::SUCCESS);
+        }
+        Err(error) => {
+            // One line naming the problem; clap's usage block is for --help.
+            let rendered = error.render().to_string();
+            let line = rendered.lines().next().unwrap_or("invalid arguments");
+            let line = line.strip_prefix("error: ").unwrap_or(line);
+            eprintln!("tidegate: {line} (see --help)");
+            return Err(ExitCode::from(EXIT_CONFIG as u8));
+        }
+    };
+    args.validate().map_err(|error| {
+        eprintln!("tidegate: {error}");
+        ExitCode::from(EXIT_CONFIG as u8)
+    })
+}
+
+async fn run(config: Config) -> i32 {
+    let server = match Server::bind(config.clone()) {
+        Ok(server) => server,
+        Err(error) => {
+            eprintln!("tidegate: {}", chain(&error));
+            return EXIT_CONFIG;
+        }
+    };
+    let lifecycle = server.lifecycle();
+    let signals = match tidegate::signals::listen() {
+        Ok(signals) => signals,
+        Err(error) => {
+            eprintln!("tidegate: cannot register signal handlers: {error}");
+            return EXIT_FAILURE;
+        }
+    };
+    let child = if config.is_supervisor() {
+        match Child::spawn(&config.args.command) {
+            Ok(child) => Some(std::sync::Arc::new(child)),
+            Err(error) => {
+                eprintln!("tidegate: {}", chain(&error));
+                return error.exit_code();
+            }
+        }
+    } else {
+        None
+    };
+    tracing::info!(
+        listen.addr = %server.proxy_addr(),
+        admin.addr = %server.admin_addr(),
+        upstream = ?config.args.upstream,
+        "Tidegate started"
+    );
+    let immediate_exit = {
+        let lifecycle = lifecycle.clone();
+        let child = child.clone();
+        async move {
+            let code = tidegate::signals::drive(signals, lifecycle).await;
+            if let Some(child) = child {
+                child.kill();
+            }
+            code
+        }
+    };
+    if let Some(child) = &child {
+        tokio::spawn(watch_child(child.clone(), lifecycle.clone()));
+    }
+    let running = match server.start() {
+        Ok(running) => running,
+        Err(error) => {
+            eprintln!("tidegate: {}", chain(&error));
+            return EXIT_FAILURE;
+        }
+    };
+    let outcome = tokio::select! {
+        outcome = running.run() => outcome,
+        code = immediate_exit => return code,
+    };
+    let outcome = match outcome {
+        Ok(outcome) => outcome,
+        Err(error) => {
+            eprintln!("tidegate: {}", chain(&error));
+            return EXIT_FAILURE;
+        }
+    };
+    if let Some(child) = child {
+        // The app gets SIGTERM only now, after tidegate stopped sending it work.
+        return child.stop(config.args.child_stop_timeout).await;
+    }
+    match outcome {
+        DrainOutcome::Complete => 0,
+        DrainOutcome::TimedOut { .. } => EXIT_DRAIN_TIMEOUT,
+    }
+}
+
+/// When the app dies on its own, fail readiness and shut down at once so the container
+/// restarts; its exit code becomes tidegate's.
+async fn watch_child(child: std::sync::Arc<Child>, lifecycle: Lifecycle) {
+    let code = child.exited().await;
+    if lifecycle.start_shutdown() {
+        tracing::error!(code, "App exited on its own; shutting down");
+        lifecycle.request_shutdown();
+    }
+}
+
+fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+    tidegate::rescue::ErrorChain(error).to_string()
+}

@@ -1,0 +1,382 @@
+//! Prometheus metrics: one [`Metrics`] owns its registry (no global state), and the
+//! [`RecordLayer`] counts every proxied request by status and time to response head.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use http::{Request, Response};
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+use tower::{Layer, Service};
+
+/// Every metric tidegate exports. Names are stable: dashboards and alerts depend on them.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// `tidegate_requests_total{code}`: responses sent to clients, by status code.
+    pub requests: IntCounterVec,
+    /// `tidegate_request_duration_seconds`: time from request head to response head.
+    pub request_duration: Histogram,
+    /// `tidegate_in_flight`: requests holding a slot (exchange with the app not over).
+    pub in_flight: IntGauge,
+    /// `tidegate_queued`: requests waiting for a slot.
+    pub queued: IntGauge,
+    /// `tidegate_route_in_flight{route}`.
+    pub route_in_flight: IntGaugeVec,
+    /// `tidegate_route_queued{route}`.
+    pub route_queued: IntGaugeVec,
+    /// `tidegate_shed_total{reason,route}`: refusals.
+    pub shed: IntCounterVec,
+    /// `tidegate_queue_wait_seconds`: time admitted requests spent queued.
+    pub queue_wait: Histogram,
+    /// `tidegate_concurrency_limit`: the global limit (0 = unlimited).
+    pub concurrency_limit: IntGauge,
+    /// `tidegate_route_concurrency_limit{route}`.
+    pub route_concurrency_limit: IntGaugeVec,
+    /// `tidegate_queue_limit`: the queue bound.
+    pub queue_limit: IntGauge,
+    /// `tidegate_upstream_errors_total{kind}`.
+    pub upstream_errors: IntCounterVec,
+    /// `tidegate_connections_open`: downstream connections open now.
+    pub connections_open: IntGauge,
+    /// `tidegate_connections_total`: downstream connections accepted.
+    pub connections_total: IntCounter,
+    /// `tidegate_app_health_checks_total{result}`: active checks of the app.
+    pub app_health_checks: IntCounterVec,
+    /// `tidegate_app_health_check_duration_seconds`.
+    pub app_health_check_duration: Histogram,
+    /// `tidegate_app_healthy`: 1 when the app's health checks pass.
+    pub app_healthy: IntGauge,
+    /// `tidegate_ready`: 1 when `/readyz` answers 200.
+    pub ready: IntGauge,
+    /// `tidegate_probe_requests_total{path,code}`: answers on the admin lane.
+    pub probes: IntCounterVec,
+    /// `tidegate_probe_duration_seconds{path}`: admin lane answer time.
+    pub probe_duration: HistogramVec,
+    /// `tidegate_shutdown_phase`: 0 serving, 1 delay, 2 drain, 3 exiting.
+    pub shutdown_phase: IntGauge,
+    /// `tidegate_drain_cut_requests`: requests still in flight when the drain timeout hit.
+    pub drain_cut: IntGauge,
+}
+
+/// Tower layer that records [`Metrics`] for every request (see [`Record`]).
+#[derive(Clone, Debug)]
+pub struct RecordLayer {
+    metrics: Arc<Metrics>,
+    access_log: bool,
+}
+
+/// Service produced by [`RecordLayer`]: counts responses, times them, writes the access log.
+#[derive(Clone, Debug)]
+pub struct Record<S> {
+    inner: S,
+    metrics: Arc<Metrics>,
+    access_log: bool,
+}
+
+/// Error building the registry (a duplicate or malformed metric: a programming error).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot register metrics")]
+pub struct MetricsError(#[from] prometheus::Error);
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0, 180.0,
+];
+
+// === impl Metrics ===
+
+impl Metrics {
+    /// Creates every metric in a fresh registry.
+    pub fn new() -> Result<Metrics, MetricsError> {
+        let registry = Registry::new();
+        let r = &registry;
+        let m = Metrics {
+            requests: reg(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "tidegate_requests_total",
+                        "Responses sent to clients, by status code",
+                    ),
+                    &["code"],
+                )?,
+            )?,
+            request_duration: reg(
+                r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "tidegate_request_duration_seconds",
+                        "Time from a request's head to its response head, refusals included",
+                    )
+                    .buckets(LATENCY_BUCKETS.to_vec()),
+                )?,
+            )?,
+            in_flight: reg(
+                r,
+                IntGauge::new(
+                    "tidegate_in_flight",
+                    "Requests holding a slot: their exchange with the app is not over",
+                )?,
+            )?,
+            queued: reg(
+                r,
+                IntGauge::new("tidegate_queued", "Requests waiting for a slot")?,
+            )?,
+            route_in_flight: reg(
+                r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "tidegate_route_in_flight",
+                        "Requests holding a slot, by route",
+                    ),
+                    &["route"],
+                )?,
+            )?,
+            route_queued: reg(
+                r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "tidegate_route_queued",
+                        "Requests waiting for a slot, by route",
+                    ),
+                    &["route"],
+                )?,
+            )?,
+            shed: reg(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "tidegate_shed_total",
+                        "Requests refused with 503, by reason and route",
+                    ),
+                    &["reason", "route"],
+                )?,
+            )?,
+            queue_wait: reg(
+                r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "tidegate_queue_wait_seconds",
+                        "Time admitted requests waited in the queue",
+                    )
+                    .buckets(LATENCY_BUCKETS.to_vec()),
+                )?,
+            )?,
+            concurrency_limit: reg(
+                r,
+                IntGauge::new(
+                    "tidegate_concurrency_limit",
+                    "Global limit on requests in flight to the app (0: unlimited)",
+                )?,
+            )?,
+            route_concurrency_limit: reg(
+                r,
+                IntGaugeVec::new(
+                    Opts::new("tidegate_route_concurrency_limit", "Slots a route may hold"),
+                    &["route"],
+                )?,
+            )?,
+            queue_limit: reg(
+                r,
+                IntGauge::new(
+                    "tidegate_queue_limit",
+                    "Requests that may wait for a slot, all routes together",
+                )?,
+            )?,
+            upstream_errors: reg(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "tidegate_upstream_errors_total",
+                        "Failed exchanges with the app, by kind",
+                    ),
+                    &["kind"],
+                )?,
+            )?,
+            connections_open: reg(
+                r,
+                IntGauge::new(
+                    "tidegate_connections_open",
+                    "Client connections open on the proxy listener",
+                )?,
+            )?,
+            connections_total: reg(
+                r,
+                IntCounter::new(
+                    "tidegate_connections_total",
+                    "Client connections accepted on the proxy listener",
+                )?,
+            )?,
+            app_health_checks: reg(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "tidegate_app_health_checks_total",
+                        "Active health checks of the app, by result",
+                    ),
+                    &["result"],
+                )?,
+            )?,
+            app_health_check_duration: reg(
+                r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "tidegate_app_health_check_duration_seconds",
+                        "Time an active health check of the app took",
+                    )
+                    .buckets(LATENCY_BUCKETS.to_vec()),
+                )?,
+            )?,
+            app_healthy: reg(
+                r,
+                IntGauge::new(
+                    "tidegate_app_healthy",
+                    "1 when the app passes its health checks",
+                )?,
+            )?,
+            ready: reg(
+                r,
+                IntGauge::new("tidegate_ready", "1 when /readyz answers 200")?,
+            )?,
+            probes: reg(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "tidegate_probe_requests_total",
+                        "Requests answered on the admin lane",
+                    ),
+                    &["path", "code"],
+                )?,
+            )?,
+            probe_duration: reg(
+                r,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "tidegate_probe_duration_seconds",
+                        "Time the admin lane took to answer",
+                    )
+                    .buckets(LATENCY_BUCKETS.to_vec()),
+                    &["path"],
+                )?,
+            )?,
+            shutdown_phase: reg(
+                r,
+                IntGauge::new(
+                    "tidegate_shutdown_phase",
+                    "Shutdown phase: 0 serving, 1 delay, 2 drain, 3 exiting",
+                )?,
+            )?,
+            drain_cut: reg(
+                r,
+                IntGauge::new(
+                    "tidegate_drain_cut_requests",
+                    "Requests still in flight when the drain timeout cut them off",
+                )?,
+            )?,
+            registry,
+        };
+        Ok(m)
+    }
+
+    /// Renders every metric in the Prometheus text exposition format.
+    pub fn encode(&self) -> String {
+        let mut buf = Vec::with_capacity(16 * 1024);
+        // Encoding into a Vec only fails on malformed metric families, which `new` rules out.
+        if let Err(error) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
+            tracing::warn!(%error, "Cannot encode metrics");
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+
+    /// The registry, for embedding tidegate's metrics elsewhere.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// A layer recording request metrics, optionally with an access log line per request.
+    pub fn layer(self: &Arc<Self>, access_log: bool) -> RecordLayer {
+        RecordLayer {
+            metrics: self.clone(),
+            access_log,
+        }
+    }
+}
+
+fn reg<M: prometheus::core::Collector + Clone + 'static>(
+    registry: &Registry,
+    metric: M,
+) -> Result<M, prometheus::Error> {
+    registry.register(Box::new(metric.clone()))?;
+    Ok(metric)
+}
+
+// === impl RecordLayer ===
+
+impl<S> Layer<S> for RecordLayer {
+    type Service = Record<S>;
+
+    fn layer(&self, inner: S) -> Record<S> {
+        Record {
+            inner,
+            metrics: self.metrics.clone(),
+            access_log: self.access_log,
+        }
+    }
+}
+
+// === impl Record ===
+
+impl<S, B, RB> Service<Request<B>> for Record<S>
+where
+    S: Service<Request<B>, Response = Response<RB>> + Send + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = Response<RB>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<RB>, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let start = Instant::now();
+        let metrics = self.metrics.clone();
+        let log = self.access_log.then(|| {
+            (
+                req.method().clone(),
+                req.uri().path().to_owned(),
+                req.version(),
+            )
+        });
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let result = fut.await;
+            if let Ok(rsp) = &result {
+                let elapsed = start.elapsed();
+                let status = rsp.status();
+                metrics.requests.with_label_values(&[status.as_str()]).inc();
+                metrics.request_duration.observe(elapsed.as_secs_f64());
+                if let Some((method, path, version)) = log {
+                    tracing::info!(
+                        target: "tidegate::access",
+                        method = %method,
+                        path = %path,
+                        version = ?version,
+                        status = status.as_u16(),
+                        duration_ms = elapsed.as_secs_f64() * 1000.0,
+                        "Request"
+                    );
+                }
+            }
+            result
+        })
+    }
+}

@@ -1,0 +1,258 @@
+//! The innermost service: rewrites an admitted request for the app, sends it over the pooled
+//! client, and streams the answer back. Upgrades (WebSocket) become tunnels.
+
+pub mod headers;
+mod upgrade;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio_util::task::TaskTracker;
+use tower::Service;
+
+use crate::body::{ExchangeGuard, ResponseBody, UpstreamBody};
+use crate::config::{ClientAbort, Upstream};
+use crate::connect::Connector;
+use crate::error::{
+    BoxError, UpstreamConnect, UpstreamConnectTimeout, UpstreamReset, UpstreamTimeout, is_caused_by,
+};
+use crate::health::Progress;
+use crate::limit::Admitted;
+use crate::metrics::Metrics;
+
+/// Settings of the [`Proxy`].
+#[derive(Clone, Debug)]
+pub struct ProxyConfig {
+    /// The app.
+    pub upstream: Upstream,
+    /// Speak h2c to the app.
+    pub http2: bool,
+    /// Connect timeout.
+    pub connect_timeout: Duration,
+    /// Time allowed for the response head.
+    pub response_timeout: Option<Duration>,
+    /// Client-abort behaviour.
+    pub on_client_abort: ClientAbort,
+    /// Add `Via`.
+    pub via: bool,
+}
+
+/// Forwards admitted requests to the app. Cloned per connection with the client's address.
+#[derive(Clone, Debug)]
+pub struct Proxy {
+    shared: Arc<Shared>,
+    client_addr: Option<SocketAddr>,
+}
+
+/// Future returned by [`Proxy`].
+pub type ResponseFuture =
+    Pin<Box<dyn Future<Output = Result<Response<ResponseBody>, BoxError>> + Send>>;
+
+#[derive(Debug)]
+struct Shared {
+    client: Client<Connector, Incoming>,
+    authority: Authority,
+    version: Version,
+    response_timeout: Option<Duration>,
+    on_client_abort: ClientAbort,
+    via: bool,
+    progress: Progress,
+    metrics: Arc<Metrics>,
+    tunnels: TaskTracker,
+}
+
+// === impl Proxy ===
+
+impl Proxy {
+    /// Builds the pooled client for `config`. `tunnels` tracks upgraded connections so the
+    /// drain can wait for them.
+    pub fn new(
+        config: &ProxyConfig,
+        progress: Progress,
+        metrics: Arc<Metrics>,
+        tunnels: TaskTracker,
+    ) -> Proxy {
+        let connector = Connector::new(config.upstream.clone(), config.connect_timeout);
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .set_host(false)
+            .http2_only(config.http2);
+        let authority = match &config.upstream {
+            Upstream::Tcp { authority } => authority.clone(),
+            Upstream::Unix { .. } => Authority::from_static("localhost"),
+        };
+        Proxy {
+            shared: Arc::new(Shared {
+                client: builder.build(connector),
+                authority,
+                version: if config.http2 {
+                    Version::HTTP_2
+                } else {
+                    Version::HTTP_11
+                },
+                response_timeout: config.response_timeout,
+                on_client_abort: config.on_client_abort,
+                via: config.via,
+                progress,
+                metrics,
+                tunnels,
+            }),
+            client_addr: None,
+        }
+    }
+
+    /// A copy for one client connection.
+    pub fn for_client(&self, addr: SocketAddr) -> Proxy {
+        Proxy {
+            shared: self.shared.clone(),
+            client_addr: Some(addr),
+        }
+    }
+}
+
+impl Service<Admitted<Request<Incoming>>> for Proxy {
+    type Response = Response<ResponseBody>;
+    type Error = BoxError;
+    type Future = ResponseFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, admitted: Admitted<Request<Incoming>>) -> ResponseFuture {
+        let Admitted { request, admission } = admitted;
+        let shared = self.shared.clone();
+        let guard = ExchangeGuard::new(admission, shared.progress.clone(), shared.on_client_abort);
+        let exchange = shared.clone().exchange(request, self.client_addr, guard);
+        match shared.on_client_abort {
+            ClientAbort::Cancel => Box::pin(exchange),
+            // The exchange runs in its own task, so a client that leaves does not cancel it:
+            // the app keeps working, and the slot stays held until it is done.
+            ClientAbort::Finish => {
+                let task = tokio::spawn(exchange);
+                Box::pin(async move {
+                    match task.await {
+                        Ok(result) => result,
+                        Err(join_error) => Err(join_error.into()),
+                    }
+                })
+            }
+        }
+    }
+}
+
+// === impl Shared ===
+
+impl Shared {
+    async fn exchange(
+        self: Arc<Self>,
+        mut request: Request<Incoming>,
+        client_addr: Option<SocketAddr>,
+        guard: ExchangeGuard,
+    ) -> Result<Response<ResponseBody>, BoxError> {
+        let upgrade =
+            headers::wants_upgrade(request.headers()).then(|| hyper::upgrade::on(&mut request));
+        let upstream_request = self.upstream_request(request, client_addr, upgrade.is_some())?;
+
+        let send = self.client.request(upstream_request);
+        let result = match self.response_timeout {
+            Some(limit) => match tokio::time::timeout(limit, send).await {
+                Ok(result) => result,
+                Err(_elapsed) => {
+                    self.count_error("timeout");
+                    return Err(Box::new(UpstreamTimeout));
+                }
+            },
+            None => send.await,
+        };
+        let mut response = match result {
+            Ok(response) => response,
+            Err(error) => return Err(self.classify(error)),
+        };
+        self.progress.record();
+
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+            if let Some(client_side) = upgrade {
+                let app_side = hyper::upgrade::on(&mut response);
+                self.tunnels
+                    .spawn(upgrade::tunnel(client_side, app_side, guard));
+                let (mut parts, _empty) = response.into_parts();
+                headers::strip_hop_by_hop(&mut parts.headers, true);
+                return Ok(Response::from_parts(parts, ResponseBody::empty()));
+            }
+        }
+
+        let (mut parts, body) = response.into_parts();
+        headers::strip_hop_by_hop(&mut parts.headers, false);
+        if self.via {
+            headers::add_via(&mut parts.headers);
+        }
+        Ok(Response::from_parts(
+            parts,
+            ResponseBody::Upstream(UpstreamBody::new(body, guard)),
+        ))
+    }
+
+    fn upstream_request(
+        &self,
+        request: Request<Incoming>,
+        client_addr: Option<SocketAddr>,
+        upgrade: bool,
+    ) -> Result<Request<Incoming>, BoxError> {
+        let (mut parts, body) = request.into_parts();
+        let authority = parts.uri.authority().map(|a| a.as_str().to_owned());
+        let path = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        parts.uri = Uri::builder()
+            .scheme(Scheme::HTTP)
+            .authority(self.authority.clone())
+            .path_and_query(path)
+            .build()?;
+        parts.version = self.version;
+        headers::strip_hop_by_hop(&mut parts.headers, upgrade);
+        headers::set_forwarded(
+            &mut parts.headers,
+            client_addr.map(|a| a.ip()),
+            authority.as_deref(),
+        );
+        if self.via {
+            headers::add_via(&mut parts.headers);
+        }
+        Ok(Request::from_parts(parts, body))
+    }
+
+    fn classify(&self, error: hyper_util::client::legacy::Error) -> BoxError {
+        let error: BoxError = Box::new(error);
+        if is_caused_by::<UpstreamConnectTimeout>(&*error) {
+            self.count_error("connect-timeout");
+            error
+        } else if is_caused_by::<UpstreamConnect>(&*error) {
+            self.count_error("connect");
+            error
+        } else {
+            self.count_error("reset");
+            Box::new(UpstreamReset(error))
+        }
+    }
+
+    fn count_error(&self, kind: &str) {
+        self.metrics
+            .upstream_errors
+            .with_label_values(&[kind])
+            .inc();
+    }
+}

@@ -1,0 +1,256 @@
+//! Turns every failure into a response from tidegate itself. The only place statuses for
+//! failures are chosen, by whose fault it was:
+//!
+//! | cause                         | status | header                                  |
+//! |-------------------------------|--------|-----------------------------------------|
+//! | shed (queue, route, draining) | 503    | `tidegate-shed: <reason>`, `Retry-After` |
+//! | connect refused / no socket   | 502    | `tidegate-error: upstream-connect`       |
+//! | connection reset / closed     | 502    | `tidegate-error: upstream-reset`         |
+//! | connect timeout               | 504    | `tidegate-error: upstream-connect-timeout` |
+//! | response timeout              | 504    | `tidegate-error: upstream-timeout`       |
+//! | anything else                 | 500    | `tidegate-error: internal`               |
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::header::{self, HeaderName, HeaderValue};
+use http::{Response, StatusCode};
+use tower::{Layer, Service};
+
+use crate::body::ResponseBody;
+use crate::error::{
+    BoxError, Overloaded, UpstreamConnect, UpstreamConnectTimeout, UpstreamReset, UpstreamTimeout,
+    find_cause, is_caused_by,
+};
+
+/// Header naming why tidegate refused a request.
+pub const TIDEGATE_SHED: HeaderName = HeaderName::from_static("tidegate-shed");
+/// Header naming the failure tidegate answered for.
+pub const TIDEGATE_ERROR: HeaderName = HeaderName::from_static("tidegate-error");
+
+/// How `Retry-After` is chosen for refusals: `base` plus a random whole number of seconds up
+/// to `jitter`, so refused clients do not come back in lockstep.
+#[derive(Copy, Clone, Debug)]
+pub struct RetryAfter {
+    /// Smallest value sent.
+    pub base: Duration,
+    /// Largest random addition.
+    pub jitter: Duration,
+}
+
+/// Layer producing [`Rescue`].
+#[derive(Copy, Clone, Debug)]
+pub struct RescueLayer {
+    retry_after: RetryAfter,
+}
+
+/// Maps the inner service's errors to responses; its own error type is [`Infallible`].
+#[derive(Clone, Debug)]
+pub struct Rescue<S> {
+    inner: S,
+    retry_after: RetryAfter,
+}
+
+/// Future returned by [`Rescue`].
+pub type ResponseFuture =
+    Pin<Box<dyn Future<Output = Result<Response<ResponseBody>, Infallible>> + Send>>;
+
+// === impl RetryAfter ===
+
+impl RetryAfter {
+    /// Picks a value in whole seconds (at least 1).
+    pub fn pick(&self) -> u64 {
+        let base = self.base.as_secs().max(1);
+        let jitter = self.jitter.as_secs();
+        base + if jitter == 0 {
+            0
+        } else {
+            fastrand::u64(0..=jitter)
+        }
+    }
+}
+
+// === impl RescueLayer ===
+
+impl RescueLayer {
+    /// A rescue layer with the given `Retry-After` policy.
+    pub fn new(retry_after: RetryAfter) -> RescueLayer {
+        RescueLayer { retry_after }
+    }
+}
+
+impl<S> Layer<S> for RescueLayer {
+    type Service = Rescue<S>;
+
+    fn layer(&self, inner: S) -> Rescue<S> {
+        Rescue {
+            inner,
+            retry_after: self.retry_after,
+        }
+    }
+}
+
+// === impl Rescue ===
+
+impl<S, R> Service<R> for Rescue<S>
+where
+    S: Service<R, Response = Response<ResponseBody>, Error = BoxError>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<ResponseBody>;
+    type Error = Infallible;
+    type Future = ResponseFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        match self.inner.poll_ready(cx) {
+            Poll::Ready(Ok(())) => Poll::Ready(Ok(())),
+            // The inner services never fail readiness; if one did, `call` reports it.
+            Poll::Ready(Err(_)) => Poll::Ready(Ok(())),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn call(&mut self, request: R) -> ResponseFuture {
+        let fut = self.inner.call(request);
+        let retry_after = self.retry_after;
+        Box::pin(async move {
+            Ok(match fut.await {
+                Ok(response) => response,
+                Err(error) => to_response(&*error, retry_after),
+            })
+        })
+    }
+}
+
+/// The response tidegate sends for `error`.
+pub fn to_response(
+    error: &(dyn std::error::Error + 'static),
+    retry_after: RetryAfter,
+) -> Response<ResponseBody> {
+    if let Some(shed) = find_cause::<Overloaded>(error) {
+        let mut rsp = local(StatusCode::SERVICE_UNAVAILABLE, "overloaded, retry later\n");
+        let h = rsp.headers_mut();
+        h.insert(
+            TIDEGATE_SHED,
+            HeaderValue::from_static(shed.reason.as_str()),
+        );
+        h.insert(header::RETRY_AFTER, HeaderValue::from(retry_after.pick()));
+        return rsp;
+    }
+    let (status, kind, body) = if is_caused_by::<UpstreamConnectTimeout>(error) {
+        (
+            StatusCode::GATEWAY_TIMEOUT,
+            "upstream-connect-timeout",
+            "upstream connect timed out\n",
+        )
+    } else if is_caused_by::<UpstreamTimeout>(error) {
+        (
+            StatusCode::GATEWAY_TIMEOUT,
+            "upstream-timeout",
+            "upstream timed out\n",
+        )
+    } else if is_caused_by::<UpstreamConnect>(error) {
+        (
+            StatusCode::BAD_GATEWAY,
+            "upstream-connect",
+            "upstream unreachable\n",
+        )
+    } else if is_caused_by::<UpstreamReset>(error) {
+        (
+            StatusCode::BAD_GATEWAY,
+            "upstream-reset",
+            "upstream closed the connection\n",
+        )
+    } else {
+        tracing::warn!(error = %ErrorChain(error), "Internal error");
+        (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal proxy error\n",
+        )
+    };
+    tracing::debug!(error = %ErrorChain(error), status = status.as_u16(), "Answering for the app");
+    let mut rsp = local(status, body);
+    rsp.headers_mut()
+        .insert(TIDEGATE_ERROR, HeaderValue::from_static(kind));
+    rsp
+}
+
+fn local(status: StatusCode, body: &'static str) -> Response<ResponseBody> {
+    let mut rsp = Response::new(ResponseBody::local(body));
+    *rsp.status_mut() = status;
+    let h = rsp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    rsp
+}
+
+/// Displays an error with its sources, `a: b: c`.
+pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(err) = source {
+            write!(f, ": {err}")?;
+            source = err.source();
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ShedReason;
+
+    const RETRY: RetryAfter = RetryAfter {
+        base: Duration::from_secs(1),
+        jitter: Duration::from_secs(2),
+    };
+
+    #[test]
+    fn shed_is_503_with_reason_and_retry_after() {
+        let rsp = to_response(
+            &Overloaded {
+                reason: ShedReason::QueueTimeout,
+            },
+            RETRY,
+        );
+        assert_eq!(rsp.status(), 503);
+        assert_eq!(rsp.headers()[TIDEGATE_SHED], "queue-timeout");
+        let secs: u64 = rsp.headers()[header::RETRY_AFTER]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((1..=3).contains(&secs));
+    }
+
+    #[test]
+    fn jitter_spreads_retry_after() {
+        let seen: std::collections::HashSet<u64> = (0..200).map(|_| RETRY.pick()).collect();
+        assert!(seen.len() > 1, "{seen:?}");
+        assert!(seen.iter().all(|s| (1..=3).contains(s)));
+    }
+
+    #[test]
+    fn upstream_failures_map_by_fault() {
+        let connect = UpstreamConnect(Box::new(std::io::Error::other("refused")));
+        assert_eq!(to_response(&connect, RETRY).status(), 502);
+        assert_eq!(to_response(&UpstreamTimeout, RETRY).status(), 504);
+        assert_eq!(to_response(&UpstreamConnectTimeout, RETRY).status(), 504);
+        let other = std::io::Error::other("boom");
+        let rsp = to_response(&other, RETRY);
+        assert_eq!(rsp.status(), 500);
+        assert_eq!(rsp.headers()[TIDEGATE_ERROR], "internal");
+    }
+}

@@ -1,0 +1,321 @@
+//! Start-up and the shutdown sequence: binds both listeners, builds the proxy stack, starts
+//! the admin lane on its own thread, serves, and walks the drain phases.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::task::TaskTracker;
+
+use crate::admin::{self, AdminHandle};
+use crate::config::Config;
+use crate::drain::{CloseOnShutdownLayer, DrainOutcome, Lifecycle, Phase};
+use crate::health::{AppChecker, CheckConfig, HealthConfig, HealthState};
+use crate::limit::{LimitConfig, LimitLayer, Limiter};
+use crate::metrics::{Metrics, MetricsError};
+use crate::proxy::{Proxy, ProxyConfig};
+use crate::rescue::{RescueLayer, RetryAfter};
+use crate::serve::{self, ServeConfig};
+use crate::stack::ProxyStack;
+
+/// How often the proxy runtime stamps its heartbeat for `/livez`.
+const HEARTBEAT_PERIOD: Duration = Duration::from_millis(100);
+/// How long answers on the admin lane (a waiting `/prestop`) get to flush at exit.
+const ADMIN_FLUSH: Duration = Duration::from_secs(2);
+/// How long refused queued requests get to be written when the drain timeout hits.
+const REFUSAL_FLUSH: Duration = Duration::from_millis(250);
+
+/// A failure to start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr} (--{flag})")]
+    Bind {
+        /// The flag that named the address.
+        flag: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// A runtime or thread could not be created.
+    #[error("cannot start the {0}")]
+    Runtime(&'static str, #[source] io::Error),
+    /// The metrics registry could not be built.
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
+}
+
+/// Bound listeners and shared state, before anything runs.
+#[derive(Debug)]
+pub struct Server {
+    config: Config,
+    metrics: Arc<Metrics>,
+    lifecycle: Lifecycle,
+    limiter: Limiter,
+    health: HealthState,
+    proxy_listener: std::net::TcpListener,
+    admin_listener: std::net::TcpListener,
+}
+
+/// A started server: the admin lane runs; [`Running::run`] serves the proxy lane.
+#[derive(Debug)]
+pub struct Running {
+    config: Config,
+    metrics: Arc<Metrics>,
+    lifecycle: Lifecycle,
+    limiter: Limiter,
+    health: HealthState,
+    proxy_listener: std::net::TcpListener,
+    stack: ProxyStack,
+    tunnels: TaskTracker,
+    admin: AdminHandle,
+}
+
+// === impl Server ===
+
+impl Server {
+    /// Binds both listeners (port 0 picks a free port) and builds the shared state.
+    pub fn bind(config: Config) -> Result<Server, StartError> {
+        let proxy_listener = bind("listen", config.args.listen)?;
+        let admin_listener = bind("admin-listen", config.args.admin_listen)?;
+        let metrics = Arc::new(Metrics::new()?);
+        let lifecycle = Lifecycle::new();
+        let limiter = Limiter::new(
+            &LimitConfig {
+                max_concurrency: config.args.max_concurrency,
+                max_queue: config.max_queue(),
+                queue_timeout: config.args.queue_timeout,
+                routes: config.args.routes.clone(),
+            },
+            &metrics,
+        );
+        let health = HealthState::new(
+            HealthConfig {
+                heartbeat_timeout: config.args.heartbeat_timeout,
+                progress_window: config.args.progress_window,
+                unready_when_saturated: config.args.unready_when_saturated,
+            },
+            lifecycle.clone(),
+            limiter.clone(),
+            metrics.clone(),
+        );
+        Ok(Server {
+            config,
+            metrics,
+            lifecycle,
+            limiter,
+            health,
+            proxy_listener,
+            admin_listener,
+        })
+    }
+
+    /// The proxy listener's address.
+    pub fn proxy_addr(&self) -> SocketAddr {
+        local_addr(&self.proxy_listener)
+    }
+
+    /// The admin listener's address.
+    pub fn admin_addr(&self) -> SocketAddr {
+        local_addr(&self.admin_listener)
+    }
+
+    /// The shutdown lifecycle, to start a drain from outside (signals, tests).
+    pub fn lifecycle(&self) -> Lifecycle {
+        self.lifecycle.clone()
+    }
+
+    /// The health state.
+    pub fn health(&self) -> HealthState {
+        self.health.clone()
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
+    /// Starts the admin lane (its own thread and runtime) and the app health checks, and
+    /// builds the proxy stack. Call [`Running::run`] on the proxy runtime next.
+    pub fn start(self) -> Result<Running, StartError> {
+        let args = &self.config.args;
+        let checker = AppChecker::new(
+            CheckConfig {
+                upstream: args.upstream.clone(),
+                path: args.app_health_path.clone(),
+                interval: args.app_health_interval,
+                timeout: args.app_health_timeout,
+                failure_threshold: args.app_health_failure_threshold,
+                success_threshold: args.app_health_success_threshold,
+            },
+            self.health.clone(),
+        );
+        let admin = admin::spawn(self.admin_listener, self.health.clone(), checker)
+            .map_err(|e| StartError::Runtime("admin thread", e))?;
+        let tunnels = TaskTracker::new();
+        let proxy = Proxy::new(
+            &ProxyConfig {
+                upstream: args.upstream.clone(),
+                http2: args.upstream_http2,
+                connect_timeout: args.connect_timeout,
+                response_timeout: args.upstream_timeout,
+                on_client_abort: args.on_client_abort,
+                via: args.via,
+            },
+            self.health.progress().clone(),
+            self.metrics.clone(),
+            tunnels.clone(),
+        );
+        let stack = ProxyStack {
+            record: self.metrics.layer(args.access_log),
+            close: CloseOnShutdownLayer::new(self.lifecycle.clone()),
+            rescue: RescueLayer::new(RetryAfter {
+                base: args.retry_after,
+                jitter: args.retry_after_jitter,
+            }),
+            limit: LimitLayer::new(self.limiter.clone()),
+            proxy,
+        };
+        Ok(Running {
+            config: self.config,
+            metrics: self.metrics,
+            lifecycle: self.lifecycle,
+            limiter: self.limiter,
+            health: self.health,
+            proxy_listener: self.proxy_listener,
+            stack,
+            tunnels,
+            admin,
+        })
+    }
+}
+
+fn bind(flag: &'static str, addr: SocketAddr) -> Result<std::net::TcpListener, StartError> {
+    let listener = std::net::TcpListener::bind(addr)
+        .and_then(|l| l.set_nonblocking(true).map(|()| l))
+        .map_err(|source| StartError::Bind { flag, addr, source })?;
+    Ok(listener)
+}
+
+fn local_addr(listener: &std::net::TcpListener) -> SocketAddr {
+    listener
+        .local_addr()
+        .expect("a bound listener must have a local address")
+}
+
+// === impl Running ===
+
+impl Running {
+    /// Serves the proxy lane until shutdown is requested through the lifecycle, then walks
+    /// the phases: delay, drain, exit. Must run on the proxy runtime.
+    pub async fn run(self) -> Result<DrainOutcome, StartError> {
+        let Running {
+            config,
+            metrics,
+            lifecycle,
+            limiter,
+            health,
+            proxy_listener,
+            stack,
+            tunnels,
+            admin,
+        } = self;
+        let args = &config.args;
+        let listener = tokio::net::TcpListener::from_std(proxy_listener).map_err(|source| {
+            StartError::Bind {
+                flag: "listen",
+                addr: args.listen,
+                source,
+            }
+        })?;
+        let heartbeat = tokio::spawn({
+            let stamp = health.heartbeat().clone();
+            async move {
+                let mut tick = tokio::time::interval(HEARTBEAT_PERIOD);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    stamp.record();
+                }
+            }
+        });
+        let connections = TaskTracker::new();
+        let accept = tokio::spawn(serve::serve(
+            listener,
+            stack,
+            ServeConfig {
+                header_read_timeout: args.header_read_timeout,
+            },
+            lifecycle.clone(),
+            metrics.clone(),
+            connections.clone(),
+        ));
+
+        lifecycle.reached(Phase::Delay).await;
+        metrics.shutdown_phase.set(Phase::Delay as i64);
+        tracing::info!(
+            delay_ms = args.shutdown_delay.as_millis() as u64,
+            "Shutdown: delay (readiness failing, still serving)"
+        );
+        tokio::select! {
+            _ = tokio::time::sleep(args.shutdown_delay) => {}
+            _ = lifecycle.delay_skipped() => tracing::info!("Shutdown: delay skipped"),
+        }
+
+        lifecycle.advance(Phase::Drain);
+        metrics.shutdown_phase.set(Phase::Drain as i64);
+        tracing::info!(
+            in_flight = metrics.in_flight.get(),
+            connections = metrics.connections_open.get(),
+            timeout_ms = args.drain_timeout.as_millis() as u64,
+            "Shutdown: drain (listener closing, finishing in-flight requests)"
+        );
+        let _ = accept.await;
+        connections.close();
+        tunnels.close();
+        let all_done = async {
+            connections.wait().await;
+            tunnels.wait().await;
+        };
+        let outcome = match tokio::time::timeout(args.drain_timeout, all_done).await {
+            Ok(()) => DrainOutcome::Complete,
+            Err(_elapsed) => {
+                let cut = DrainOutcome::TimedOut {
+                    in_flight: metrics.in_flight.get().max(0) as u64,
+                    connections: metrics.connections_open.get().max(0) as u64,
+                };
+                // Queued requests get a 503 `draining` rather than a reset.
+                limiter.close();
+                let _ = tokio::time::timeout(REFUSAL_FLUSH, connections.wait()).await;
+                cut
+            }
+        };
+        match outcome {
+            DrainOutcome::Complete => tracing::info!("Shutdown: drained"),
+            DrainOutcome::TimedOut {
+                in_flight,
+                connections,
+            } => {
+                metrics.drain_cut.set(in_flight as i64);
+                tracing::warn!(
+                    in_flight,
+                    connections,
+                    "Shutdown: drain timed out; {in_flight} requests cut off"
+                );
+            }
+        }
+        metrics.shutdown_phase.set(Phase::Exited as i64);
+        lifecycle.finish(outcome);
+        let _ = tokio::task::spawn_blocking(move || admin.shutdown(ADMIN_FLUSH)).await;
+        heartbeat.abort();
+        Ok(outcome)
+    }
+
+    /// The shutdown lifecycle.
+    pub fn lifecycle(&self) -> Lifecycle {
+        self.lifecycle.clone()
+    }
+}

@@ -1,0 +1,46 @@
+//! Process signals, through signal-hook-tokio: SIGTERM and SIGINT start the shutdown, a
+//! second one skips the rest of the delay, a third one or SIGQUIT exits at once.
+
+use futures_util::StreamExt;
+use signal_hook::consts::{SIGINT, SIGQUIT, SIGTERM};
+use signal_hook_tokio::Signals;
+
+use crate::drain::Lifecycle;
+
+/// What the handler asks the process to do.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Nothing more: the lifecycle has been told.
+    Continue,
+    /// Exit now with this code (128 + the signal's number).
+    ExitNow(i32),
+}
+
+/// Registers the handlers. Must be called inside a Tokio runtime.
+pub fn listen() -> std::io::Result<Signals> {
+    Signals::new([SIGTERM, SIGINT, SIGQUIT])
+}
+
+/// Feeds signals into `lifecycle` until one asks for an immediate exit, then returns its code.
+pub async fn drive(mut signals: Signals, lifecycle: Lifecycle) -> i32 {
+    let mut count = 0u32;
+    while let Some(signal) = signals.next().await {
+        count += 1;
+        if let Action::ExitNow(code) = on_signal(signal, count, &lifecycle) {
+            return code;
+        }
+    }
+    0
+}
+
+/// Decides what the `count`th signal means.
+pub fn on_signal(signal: i32, count: u32, lifecycle: &Lifecycle) -> Action {
+    let name = signal_hook::low_level::signal_name(signal).unwrap_or("signal");
+    if signal == SIGQUIT || count >= 3 {
+        tracing::warn!(signal = name, "Exiting at once");
+        return Action::ExitNow(128 + signal);
+    }
+    let before = lifecycle.request_shutdown();
+    tracing::info!(signal = name, phase = before.as_str(), "Shutdown requested");
+    Action::Continue
+}

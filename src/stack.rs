@@ -1,0 +1,44 @@
+//! The proxy lane's tower stack, outermost first:
+//! record metrics → `Connection: close` on shutdown → rescue errors → admission → proxy.
+
+use std::net::SocketAddr;
+
+use tower::ServiceBuilder;
+
+use crate::drain::{CloseOnShutdown, CloseOnShutdownLayer};
+use crate::limit::{Limit, LimitLayer};
+use crate::metrics::{Record, RecordLayer};
+use crate::proxy::Proxy;
+use crate::rescue::{Rescue, RescueLayer};
+
+/// The service one client connection is served by.
+pub type ConnService = Record<CloseOnShutdown<Rescue<Limit<Proxy>>>>;
+
+/// The layers, built once at start-up and cloned per connection.
+#[derive(Clone, Debug)]
+pub struct ProxyStack {
+    /// Metrics and access log.
+    pub record: RecordLayer,
+    /// `Connection: close` once shutdown starts.
+    pub close: CloseOnShutdownLayer,
+    /// Errors to responses.
+    pub rescue: RescueLayer,
+    /// Admission control.
+    pub limit: LimitLayer,
+    /// The innermost proxy.
+    pub proxy: Proxy,
+}
+
+// === impl ProxyStack ===
+
+impl ProxyStack {
+    /// The stack for one client connection from `client_addr`.
+    pub fn service(&self, client_addr: SocketAddr) -> ConnService {
+        ServiceBuilder::new()
+            .layer(self.record.clone())
+            .layer(self.close.clone())
+            .layer(self.rescue)
+            .layer(self.limit.clone())
+            .service(self.proxy.for_client(client_addr))
+    }
+}

@@ -1,0 +1,435 @@
+//! Test harness: real upstream servers, in-process tidegate servers, the real binary, and
+//! clients, all on 127.0.0.1 with ephemeral ports.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tidegate::drain::{DrainOutcome, Lifecycle};
+use tidegate::metrics::Metrics;
+use tidegate::{Config, Server};
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, Semaphore};
+
+/// The body type test upstreams answer with.
+pub type Body = BoxBody<Bytes, hyper::Error>;
+
+/// A body from static text.
+pub fn full(text: impl Into<Bytes>) -> Body {
+    Full::new(text.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+/// An empty body.
+pub fn empty() -> Body {
+    Empty::new().map_err(|never| match never {}).boxed()
+}
+
+/// Polls `check` until it returns true or `within` passes; panics with `what` on timeout.
+pub async fn eventually(what: &str, within: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    loop {
+        if check() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Async version of [`eventually`].
+pub async fn eventually_async<F, Fut>(what: &str, within: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+// ===== upstream apps =====
+
+/// A running test upstream.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub hits: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Starts an HTTP/1.1 (and h2c, auto-detected) upstream answering with `handler`.
+pub async fn upstream<F, Fut>(handler: F) -> Upstream
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<Body>> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let hits = Arc::new(AtomicUsize::new(0));
+    let counter = hits.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let handler = handler.clone();
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req| {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    let fut = handler(req);
+                    async move { Ok::<_, Infallible>(fut.await) }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    Upstream { addr, hits, task }
+}
+
+/// An upstream that answers 200 "ok".
+pub async fn ok_upstream() -> Upstream {
+    upstream(|_req| async { Response::new(full("ok")) }).await
+}
+
+/// An upstream that holds every request until the test releases it.
+pub struct Gate {
+    pub upstream: Upstream,
+    pub arrived: Arc<AtomicUsize>,
+    pub finished: Arc<AtomicUsize>,
+    release: Arc<Semaphore>,
+    arrival: Arc<Notify>,
+}
+
+impl Gate {
+    pub async fn start() -> Gate {
+        let arrived = Arc::new(AtomicUsize::new(0));
+        let finished = Arc::new(AtomicUsize::new(0));
+        let release = Arc::new(Semaphore::new(0));
+        let arrival = Arc::new(Notify::new());
+        let (a, f, r, n) = (
+            arrived.clone(),
+            finished.clone(),
+            release.clone(),
+            arrival.clone(),
+        );
+        let upstream = upstream(move |req: Request<Incoming>| {
+            let (a, f, r, n) = (a.clone(), f.clone(), r.clone(), n.clone());
+            async move {
+                if req.uri().path().starts_with("/free") {
+                    return Response::new(full("free"));
+                }
+                a.fetch_add(1, Ordering::SeqCst);
+                n.notify_waiters();
+                let permit = r.acquire().await.unwrap();
+                permit.forget();
+                f.fetch_add(1, Ordering::SeqCst);
+                Response::new(full("released"))
+            }
+        })
+        .await;
+        Gate {
+            upstream,
+            arrived,
+            finished,
+            release,
+            arrival,
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.upstream.addr
+    }
+
+    pub fn arrived(&self) -> usize {
+        self.arrived.load(Ordering::SeqCst)
+    }
+
+    /// Waits until `n` requests have arrived in total.
+    pub async fn wait_arrived(&self, n: usize) {
+        eventually(
+            &format!("{n} requests at the gate"),
+            Duration::from_secs(10),
+            || self.arrived() >= n,
+        )
+        .await;
+    }
+
+    /// Lets `n` held requests answer.
+    pub fn release(&self, n: usize) {
+        self.release.add_permits(n);
+    }
+}
+
+// ===== tidegate in process =====
+
+/// A tidegate server running on the test's runtime (admin lane on its own thread).
+pub struct Tidegate {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub lifecycle: Lifecycle,
+    pub metrics: Arc<Metrics>,
+    pub task: tokio::task::JoinHandle<DrainOutcome>,
+}
+
+/// Starts tidegate with `--listen`/`--admin-listen` on ephemeral ports, `--upstream` pointing
+/// at `upstream` (an address or a full URL), and `extra` flags.
+pub async fn tidegate(upstream: impl std::fmt::Display, extra: &[&str]) -> Tidegate {
+    let upstream = upstream.to_string();
+    let upstream =
+        if upstream.contains(':') && !upstream.contains("//") && !upstream.starts_with("unix:") {
+            format!("http://{upstream}")
+        } else {
+            upstream
+        };
+    let mut args = vec![
+        "tidegate",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &upstream,
+        "--access-log",
+        "false",
+        "--app-health-interval",
+        "100ms",
+    ];
+    args.extend_from_slice(extra);
+    let config = Config::try_from_iter(args).expect("test flags must be valid");
+    let server = Server::bind(config).expect("bind");
+    let addr = server.proxy_addr();
+    let admin = server.admin_addr();
+    let lifecycle = server.lifecycle();
+    let metrics = server.metrics();
+    let running = server.start().expect("start");
+    let task = tokio::spawn(async move { running.run().await.expect("run") });
+    Tidegate {
+        addr,
+        admin,
+        lifecycle,
+        metrics,
+        task,
+    }
+}
+
+impl Tidegate {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.admin, path)
+    }
+
+    /// Waits until `/readyz` answers 200.
+    pub async fn wait_ready(&self) {
+        let url = self.admin_url("/readyz");
+        eventually_async("tidegate ready", Duration::from_secs(10), || {
+            let url = url.clone();
+            async move { matches!(get(&url).await, Ok((StatusCode::OK, _, _))) }
+        })
+        .await;
+    }
+}
+
+// ===== clients =====
+
+/// A pooled HTTP/1.1 client.
+pub fn client() -> Client<hyper_util::client::legacy::connect::HttpConnector, Body> {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// A pooled h2c (prior knowledge) client.
+pub fn h2_client() -> Client<hyper_util::client::legacy::connect::HttpConnector, Body> {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http()
+}
+
+/// GET `url` on a fresh connection; returns status, headers and body text.
+pub async fn get(url: &str) -> Result<(StatusCode, http::HeaderMap, String), String> {
+    let req = Request::get(url).body(empty()).unwrap();
+    send(&client(), req).await
+}
+
+/// Sends `req` with `client`; returns status, headers and body text.
+pub async fn send(
+    client: &Client<hyper_util::client::legacy::connect::HttpConnector, Body>,
+    req: Request<Body>,
+) -> Result<(StatusCode, http::HeaderMap, String), String> {
+    let rsp = client.request(req).await.map_err(|e| format!("{e:?}"))?;
+    let (parts, body) = rsp.into_parts();
+    let bytes = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+    Ok((
+        parts.status,
+        parts.headers,
+        String::from_utf8_lossy(&bytes).into_owned(),
+    ))
+}
+
+/// Reads one metric sample (exact series text, e.g. `tidegate_queued`) from `/metrics`.
+pub async fn metric(admin: SocketAddr, series: &str) -> Option<f64> {
+    let (_, _, text) = get(&format!("http://{admin}/metrics")).await.ok()?;
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+// ===== the binary =====
+
+/// The real `tidegate` binary running as a child process.
+pub struct Binary {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    stderr: Arc<std::sync::Mutex<String>>,
+}
+
+impl Binary {
+    /// Starts the binary with JSON logs and ephemeral ports; waits for its start-up line.
+    pub fn start(upstream: &str, extra: &[&str]) -> Binary {
+        Self::start_with(upstream, extra, &[], |_| {})
+    }
+
+    /// Like [`Binary::start`], with a trailing `-- CMD...` and a command hook.
+    pub fn start_with(
+        upstream: &str,
+        extra: &[&str],
+        child_command: &[&str],
+        customize: impl FnOnce(&mut Command),
+    ) -> Binary {
+        use std::io::BufRead;
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tidegate"));
+        cmd.args([
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--upstream",
+            upstream,
+            "--log-format",
+            "json",
+            "--app-health-interval",
+            "100ms",
+        ])
+        .args(extra);
+        if !child_command.is_empty() {
+            cmd.arg("--").args(child_command);
+        }
+        cmd.stdout(Stdio::null()).stderr(Stdio::piped());
+        customize(&mut cmd);
+        let mut child = cmd.spawn().expect("spawn tidegate");
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(std::sync::Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if line.contains("Tidegate started") {
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send(line.clone());
+                    }
+                }
+                let mut s = sink.lock().unwrap();
+                s.push_str(&line);
+                s.push('\n');
+            }
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("tidegate did not log its start-up line");
+        let field = |name: &str| -> SocketAddr {
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+            v[name].as_str().unwrap().parse().unwrap()
+        };
+        Binary {
+            addr: field("listen.addr"),
+            admin: field("admin.addr"),
+            child,
+            stderr: log,
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Sends a signal to the binary (only this process, started by the test).
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), signal).unwrap();
+    }
+
+    /// Waits for the exit code, at most `within`.
+    pub fn wait_exit(&mut self, within: Duration) -> i32 {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                use std::os::unix::process::ExitStatusExt;
+                return status
+                    .code()
+                    .unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
+            }
+            assert!(
+                Instant::now() < deadline,
+                "tidegate did not exit; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Everything logged so far.
+    pub fn log(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Resident memory in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
