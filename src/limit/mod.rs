@@ -71,6 +71,9 @@ struct Shared {
 #[derive(Debug)]
 struct RouteState {
     semaphore: Arc<Semaphore>,
+    /// Requests waiting for this route's permit, bounded by `max_waiting`.
+    waiting: AtomicUsize,
+    max_waiting: usize,
     counters: RouteCounters,
 }
 
@@ -88,6 +91,9 @@ struct QueuePlace<'a> {
     counters: &'a RouteCounters,
 }
 
+/// A place among the requests waiting for one route's permit.
+struct RouteWait<'a>(&'a AtomicUsize);
+
 // === impl Limiter ===
 
 impl Limiter {
@@ -103,6 +109,10 @@ impl Limiter {
                     .set(i64::from(r.limit));
                 RouteState {
                     semaphore: Arc::new(Semaphore::new(r.limit as usize)),
+                    waiting: AtomicUsize::new(0),
+                    // A full route may queue at most as many requests as it may run, so
+                    // that it cannot fill the shared queue and starve the other routes.
+                    max_waiting: (r.limit as usize).min(config.max_queue),
                     counters: RouteCounters::new(metrics, &r.prefix),
                 }
             })
@@ -160,6 +170,16 @@ impl Limiter {
         }
 
         // Slow path: take a queue place or refuse at once.
+        let route_wait = match route {
+            Some(i) if !route_ok => match reserve(
+                &shared.route_state[i].waiting,
+                shared.route_state[i].max_waiting,
+            ) {
+                Some(wait) => Some(RouteWait(wait)),
+                None => return Err(shared.refuse(counters, ShedReason::RouteFull)),
+            },
+            _ => None,
+        };
         let Some(place) = shared.enqueue(counters) else {
             drop(route_permit);
             let reason = if route_ok {
@@ -188,6 +208,7 @@ impl Limiter {
             }
         };
         let waited = tokio::time::timeout_at(deadline, wait).await;
+        drop(route_wait);
         drop(place);
         match waited {
             Ok(Ok(global_permit)) => {
@@ -260,11 +281,7 @@ impl Shared {
     }
 
     fn enqueue<'a>(&'a self, counters: &'a RouteCounters) -> Option<QueuePlace<'a>> {
-        self.queued
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < self.max_queue).then_some(n + 1)
-            })
-            .ok()?;
+        reserve(&self.queued, self.max_queue)?;
         self.queued_gauge.inc();
         counters.queued.inc();
         Some(QueuePlace {
@@ -288,6 +305,24 @@ impl RouteCounters {
             queued: metrics.route_queued.with_label_values(&[route]),
             shed: ShedReason::ALL.map(|r| metrics.shed.with_label_values(&[r.as_str(), route])),
         }
+    }
+}
+
+/// Increments `count` if it is below `max`.
+fn reserve(count: &AtomicUsize, max: usize) -> Option<&AtomicUsize> {
+    count
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < max).then_some(n + 1)
+        })
+        .ok()
+        .map(|_| count)
+}
+
+// === impl RouteWait ===
+
+impl Drop for RouteWait<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -370,6 +405,34 @@ mod tests {
         assert_eq!(err.reason, ShedReason::RouteFull);
         let _fast1 = limiter.acquire("/fast").await.unwrap();
         let _fast2 = limiter.acquire("/slowly").await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_route_queues_at_most_its_limit() {
+        let (limiter, _m) = limiter(4, 8, &["/slow=2"]);
+        let _a = limiter.acquire("/slow").await.unwrap();
+        let _b = limiter.acquire("/slow").await.unwrap();
+        let mut waiters = Vec::new();
+        for _ in 0..2 {
+            let l = limiter.clone();
+            waiters.push(tokio::spawn(async move { l.acquire("/slow").await }));
+        }
+        tokio::task::yield_now().await;
+        assert_eq!(limiter.queued(), 2);
+        let err = limiter.acquire("/slow").await.unwrap_err();
+        assert_eq!(err.reason, ShedReason::RouteFull);
+        // Other routes still find room in the shared queue and free global slots.
+        let _c = limiter.acquire("/fast").await.unwrap();
+        let _d = limiter.acquire("/fast").await.unwrap();
+        let l = limiter.clone();
+        let fast_waiter = tokio::spawn(async move { l.acquire("/fast").await });
+        tokio::task::yield_now().await;
+        assert_eq!(limiter.queued(), 3);
+        drop(_c);
+        assert!(fast_waiter.await.unwrap().is_ok());
+        for w in waiters {
+            w.abort();
+        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -433,3 +433,86 @@ impl Drop for Binary {
         }
     }
 }
+
+// ===== a kubelet-like prober on its own OS thread =====
+
+/// One blocking probe over a fresh connection, like kubelet's: `GET path`, `timeout` for all.
+/// Returns the status code, or an error text.
+pub fn probe_blocking(addr: SocketAddr, path: &str, timeout: Duration) -> Result<u16, String> {
+    use std::io::{Read, Write};
+    let start = Instant::now();
+    let mut stream =
+        std::net::TcpStream::connect_timeout(&addr, timeout).map_err(|e| e.to_string())?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: probe\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .map_err(|e| e.to_string())?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 1024];
+    loop {
+        if start.elapsed() > timeout {
+            return Err("timeout".into());
+        }
+        match stream.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) => return Err(e.to_string()),
+        }
+        if buf.windows(4).any(|w| w == b"\r\n\r\n") {
+            break;
+        }
+    }
+    let text = String::from_utf8_lossy(&buf);
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("bad answer: {text:?}"))
+}
+
+/// Results of a prober run.
+#[derive(Debug, Default, Clone)]
+pub struct ProbeStats {
+    pub attempts: usize,
+    pub failures: usize,
+    pub max_latency: Duration,
+    /// Times the failure threshold was crossed (a kubelet would restart the container).
+    pub restarts: usize,
+}
+
+/// Probes `path` every `period` with `timeout` on a dedicated thread until `stop` is set.
+pub fn spawn_prober(
+    addr: SocketAddr,
+    path: &'static str,
+    period: Duration,
+    timeout: Duration,
+    failure_threshold: usize,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<ProbeStats> {
+    std::thread::spawn(move || {
+        let mut stats = ProbeStats::default();
+        let mut consecutive = 0;
+        while !stop.load(Ordering::SeqCst) {
+            let start = Instant::now();
+            let result = probe_blocking(addr, path, timeout);
+            let took = start.elapsed();
+            stats.attempts += 1;
+            stats.max_latency = stats.max_latency.max(took);
+            if result == Ok(200) {
+                consecutive = 0;
+            } else {
+                stats.failures += 1;
+                consecutive += 1;
+                if consecutive == failure_threshold {
+                    stats.restarts += 1;
+                    consecutive = 0;
+                }
+            }
+            std::thread::sleep(period.saturating_sub(took));
+        }
+        stats
+    })
+}

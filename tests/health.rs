@@ -1,0 +1,562 @@
+//! The reserved lane: probes answered from cached state, even when everything else is stuck.
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use support::*;
+use tokio::sync::Semaphore;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_answer_fast_while_proxy_and_app_are_saturated() {
+    let gate = Gate::start().await;
+    let tg = tidegate(
+        gate.addr(),
+        &[
+            "--max-concurrency",
+            "2",
+            "--max-queue",
+            "2",
+            "--queue-timeout",
+            "60s",
+        ],
+    )
+    .await;
+    tg.wait_ready().await;
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let url = tg.url("/held");
+        held.push(tokio::spawn(async move { get(&url).await }));
+    }
+    gate.wait_arrived(2).await;
+    eventually("queue full", Duration::from_secs(5), || {
+        tg.metrics.queued.get() == 2
+    })
+    .await;
+
+    // A flood of extra connections and requests, all refused, keeps the proxy runtime busy.
+    let stop = Arc::new(AtomicBool::new(false));
+    let shed = Arc::new(AtomicUsize::new(0));
+    let mut flood = Vec::new();
+    for _ in 0..64 {
+        let (url, stop, shed) = (tg.url("/flood"), stop.clone(), shed.clone());
+        flood.push(tokio::spawn(async move {
+            while !stop.load(Ordering::SeqCst) {
+                if let Ok((StatusCode::SERVICE_UNAVAILABLE, _, _)) = get(&url).await {
+                    shed.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        }));
+    }
+    eventually("flood under way", Duration::from_secs(5), || {
+        shed.load(Ordering::SeqCst) > 200
+    })
+    .await;
+
+    // Probe on a separate OS thread so the measurement is not the test runtime's own delay.
+    let admin = tg.admin;
+    let latencies = tokio::task::spawn_blocking(move || {
+        let mut worst = Vec::new();
+        for path in ["/livez", "/readyz", "/app/livez"] {
+            let mut max = Duration::ZERO;
+            for _ in 0..40 {
+                let start = Instant::now();
+                let status = probe_blocking(admin, path, Duration::from_secs(1));
+                max = max.max(start.elapsed());
+                assert_eq!(status, Ok(200), "{path}");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            worst.push((path, max));
+        }
+        worst
+    })
+    .await
+    .unwrap();
+    stop.store(true, Ordering::SeqCst);
+    for t in flood {
+        t.await.unwrap();
+    }
+    for (path, max) in &latencies {
+        assert!(
+            *max < Duration::from_millis(100),
+            "{path} took up to {max:?}"
+        );
+    }
+    assert_eq!(gate.arrived(), 2, "the flood never reached the app");
+    gate.release(4);
+    for t in held {
+        assert_eq!(t.await.unwrap().unwrap().0, StatusCode::OK);
+    }
+}
+
+/// An app whose requests (and health route) hang while `hung` is set.
+async fn hangable_app(hung: Arc<AtomicBool>) -> Upstream {
+    upstream(move |_req: Request<Incoming>| {
+        let hung = hung.clone();
+        async move {
+            while hung.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Response::new(full("ok"))
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hung_app_fails_app_livez_after_the_window_and_recovers() {
+    let hung = Arc::new(AtomicBool::new(false));
+    let app = hangable_app(hung.clone()).await;
+    let tg = tidegate(
+        app.addr,
+        &[
+            "--app-health-path",
+            "/health",
+            "--app-health-timeout",
+            "200ms",
+            "--progress-window",
+            "1s",
+        ],
+    )
+    .await;
+    tg.wait_ready().await;
+    assert_eq!(
+        get(&tg.admin_url("/app/livez")).await.unwrap().0,
+        StatusCode::OK
+    );
+
+    hung.store(true, Ordering::SeqCst);
+    let hung_at = Instant::now();
+    let url = tg.admin_url("/app/livez");
+    eventually_async("/app/livez turns 503", Duration::from_secs(10), || {
+        let url = url.clone();
+        async move { get(&url).await.unwrap().0 == StatusCode::SERVICE_UNAVAILABLE }
+    })
+    .await;
+    let took = hung_at.elapsed();
+    assert!(
+        took >= Duration::from_millis(800),
+        "503 only after the 1s window, got {took:?}"
+    );
+    let (_, _, reason) = get(&url).await.unwrap();
+    assert!(reason.contains("no progress"), "{reason}");
+    // Readiness failed too (checks time out with no progress), and /livez is unaffected.
+    assert_eq!(
+        get(&tg.admin_url("/readyz")).await.unwrap().0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(
+        get(&tg.admin_url("/livez")).await.unwrap().0,
+        StatusCode::OK
+    );
+
+    hung.store(false, Ordering::SeqCst);
+    eventually_async("/app/livez back to 200", Duration::from_secs(10), || {
+        let url = url.clone();
+        async move { get(&url).await.unwrap().0 == StatusCode::OK }
+    })
+    .await;
+    tg.wait_ready().await;
+    assert!(
+        metric(
+            tg.admin,
+            "tidegate_app_health_checks_total{result=\"fail\"}"
+        )
+        .await
+        .unwrap()
+            >= 3.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn saturated_but_progressing_app_stays_alive_and_ready() {
+    // The health route never answers in time (every worker busy), but proxied work completes.
+    let app = upstream(|req: Request<Incoming>| async move {
+        if req.uri().path() == "/health" {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        } else {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Response::new(full("ok"))
+    })
+    .await;
+    let tg = tidegate(
+        app.addr,
+        &[
+            "--app-health-path",
+            "/health",
+            "--app-health-timeout",
+            "200ms",
+            "--progress-window",
+            "1s",
+            "--app-health-failure-threshold",
+            "2",
+        ],
+    )
+    .await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let worker = {
+        let (url, stop) = (tg.url("/work"), stop.clone());
+        tokio::spawn(async move {
+            let mut done = 0;
+            while !stop.load(Ordering::SeqCst) {
+                if get(&url).await.unwrap().0 == StatusCode::OK {
+                    done += 1;
+                }
+            }
+            done
+        })
+    };
+    // Ready without a passed check? No: readiness needs one pass. Here the health route never
+    // answers, so the pod must not turn ready...
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        get(&tg.admin_url("/readyz")).await.unwrap().0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    // ...but it is alive for as long as it keeps completing requests, well past the window.
+    let admin = tg.admin;
+    let stats = tokio::task::spawn_blocking(move || {
+        let stop = Arc::new(AtomicBool::new(false));
+        let prober = spawn_prober(
+            admin,
+            "/app/livez",
+            Duration::from_millis(50),
+            Duration::from_secs(1),
+            3,
+            stop.clone(),
+        );
+        std::thread::sleep(Duration::from_millis(2500));
+        stop.store(true, Ordering::SeqCst);
+        prober.join().unwrap()
+    })
+    .await
+    .unwrap();
+    stop.store(true, Ordering::SeqCst);
+    assert!(worker.await.unwrap() > 20);
+    assert_eq!(stats.failures, 0, "{stats:?}");
+    assert!(stats.attempts >= 20, "{stats:?}");
+    assert!(
+        metric(
+            tg.admin,
+            "tidegate_app_health_checks_total{result=\"busy\"}"
+        )
+        .await
+        .unwrap()
+            >= 2.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_checks_do_not_fail_readiness_once_ready() {
+    let slow_health = Arc::new(AtomicBool::new(false));
+    let flag = slow_health.clone();
+    let app = upstream(move |req: Request<Incoming>| {
+        let flag = flag.clone();
+        async move {
+            if req.uri().path() == "/health" && flag.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            Response::new(full("ok"))
+        }
+    })
+    .await;
+    let tg = tidegate(
+        app.addr,
+        &[
+            "--app-health-path",
+            "/health",
+            "--app-health-timeout",
+            "150ms",
+        ],
+    )
+    .await;
+    tg.wait_ready().await;
+    slow_health.store(true, Ordering::SeqCst);
+    let stop = Arc::new(AtomicBool::new(false));
+    let worker = {
+        let (url, stop) = (tg.url("/work"), stop.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::SeqCst) {
+                get(&url).await.unwrap();
+            }
+        })
+    };
+    let admin = tg.admin;
+    let stats = tokio::task::spawn_blocking(move || {
+        let stop = Arc::new(AtomicBool::new(false));
+        let prober = spawn_prober(
+            admin,
+            "/readyz",
+            Duration::from_millis(50),
+            Duration::from_secs(1),
+            3,
+            stop.clone(),
+        );
+        std::thread::sleep(Duration::from_millis(1500));
+        stop.store(true, Ordering::SeqCst);
+        prober.join().unwrap()
+    })
+    .await
+    .unwrap();
+    stop.store(true, Ordering::SeqCst);
+    worker.await.unwrap();
+    assert_eq!(stats.failures, 0, "{stats:?}");
+    // Without progress the same slow checks do fail readiness.
+    let url = tg.admin_url("/readyz");
+    eventually_async(
+        "unready once progress stops",
+        Duration::from_secs(10),
+        || {
+            let url = url.clone();
+            async move { get(&url).await.unwrap().0 == StatusCode::SERVICE_UNAVAILABLE }
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn not_ready_until_the_app_passes_its_first_check() {
+    let dir = std::env::temp_dir().join(format!(
+        "tidegate-health-{}-{}",
+        std::process::id(),
+        fastrand::u64(..)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("app.sock");
+    let tg = tidegate(format!("unix:{}", path.display()), &[]).await;
+    for _ in 0..5 {
+        let (status, _, body) = get(&tg.admin_url("/readyz")).await.unwrap();
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(body.contains("not passed a health check yet"), "{body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        get(&tg.admin_url("/livez")).await.unwrap().0,
+        StatusCode::OK
+    );
+    let _listener = tokio::net::UnixListener::bind(&path).unwrap();
+    let appeared = Instant::now();
+    tg.wait_ready().await;
+    assert!(
+        appeared.elapsed() < Duration::from_secs(2),
+        "ready within the check interval"
+    );
+    assert_eq!(metric(tg.admin, "tidegate_app_healthy").await, Some(1.0));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn optional_unready_when_saturated_with_hysteresis() {
+    let gate = Gate::start().await;
+    let tg = tidegate(
+        gate.addr(),
+        &[
+            "--max-concurrency",
+            "1",
+            "--max-queue",
+            "4",
+            "--queue-timeout",
+            "60s",
+            "--unready-when-saturated",
+        ],
+    )
+    .await;
+    tg.wait_ready().await;
+    let mut tasks = Vec::new();
+    for _ in 0..5 {
+        let url = tg.url("/q");
+        tasks.push(tokio::spawn(async move { get(&url).await }));
+    }
+    eventually("queue full", Duration::from_secs(5), || {
+        tg.metrics.queued.get() == 4
+    })
+    .await;
+    let (status, _, body) = get(&tg.admin_url("/readyz")).await.unwrap();
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(body.contains("queue is full"), "{body}");
+    // One request leaves the queue: 3 of 4 queued is above half, still unready (hysteresis).
+    gate.release(1);
+    eventually("3 queued", Duration::from_secs(5), || {
+        tg.metrics.queued.get() == 3
+    })
+    .await;
+    assert_eq!(
+        get(&tg.admin_url("/readyz")).await.unwrap().0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    gate.release(1);
+    eventually("2 queued", Duration::from_secs(5), || {
+        tg.metrics.queued.get() == 2
+    })
+    .await;
+    assert_eq!(
+        get(&tg.admin_url("/readyz")).await.unwrap().0,
+        StatusCode::OK
+    );
+    gate.release(10);
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+}
+
+/// An app with `workers` sync workers: each request holds one for its whole duration, and
+/// requests beyond that wait in a backlog, as in a WSGI server. `/slow` takes `slow`, `/fast`
+/// and `/health` a few milliseconds.
+async fn worker_app(workers: usize, slow: Duration) -> Upstream {
+    let pool = Arc::new(Semaphore::new(workers));
+    upstream(move |req: Request<Incoming>| {
+        let pool = pool.clone();
+        async move {
+            let _worker = pool.acquire().await.unwrap();
+            let work = if req.uri().path().starts_with("/slow") {
+                slow
+            } else {
+                Duration::from_millis(5)
+            };
+            tokio::time::sleep(work).await;
+            Response::new(full("done"))
+        }
+    })
+    .await
+}
+
+/// Slow clients that retry: each loops until `until`, retrying after 503s.
+fn burst(
+    url: String,
+    clients: usize,
+    until: Instant,
+) -> Vec<tokio::task::JoinHandle<Vec<(StatusCode, Duration)>>> {
+    (0..clients)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                while Instant::now() < until {
+                    let start = Instant::now();
+                    match tokio::time::timeout(Duration::from_secs(5), get(&url)).await {
+                        Ok(Ok((status, _, _))) => seen.push((status, start.elapsed())),
+                        _ => seen.push((StatusCode::REQUEST_TIMEOUT, start.elapsed())),
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                seen
+            })
+        })
+        .collect()
+}
+
+/// The incident: slow requests saturate every worker; probes aimed at the app fail and a
+/// kubelet would restart a healthy pod. Behind tidegate: zero probe failures, the fast route
+/// is still served and the excess is refused quickly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn saturation_incident_reproduced_and_prevented() {
+    const WORKERS: usize = 4;
+    let slow = Duration::from_millis(1500);
+    let period = Duration::from_millis(250);
+    let probe_timeout = Duration::from_secs(1);
+
+    // Without tidegate: the burst hits the app directly and its health route starves.
+    let bare = worker_app(WORKERS, slow).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let prober = spawn_prober(bare.addr, "/health", period, probe_timeout, 3, stop.clone());
+    let until = Instant::now() + Duration::from_secs(4);
+    let clients = burst(format!("http://{}/slow", bare.addr), 24, until);
+    for c in clients {
+        c.await.unwrap();
+    }
+    stop.store(true, Ordering::SeqCst);
+    let bare_stats = tokio::task::spawn_blocking(move || prober.join().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        bare_stats.restarts >= 1,
+        "the baseline must reproduce the incident: {bare_stats:?}"
+    );
+
+    // With tidegate: at most WORKERS in flight, slow route capped below that.
+    let app = worker_app(WORKERS, slow).await;
+    let tg = tidegate(
+        app.addr,
+        &[
+            "--max-concurrency",
+            "4",
+            "--route",
+            "/slow=3",
+            "--max-queue",
+            "8",
+            "--queue-timeout",
+            "200ms",
+            "--app-health-path",
+            "/health",
+            "--progress-window",
+            "10s",
+        ],
+    )
+    .await;
+    tg.wait_ready().await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let probers: Vec<_> = ["/livez", "/readyz", "/app/livez"]
+        .into_iter()
+        .map(|path| spawn_prober(tg.admin, path, period, probe_timeout, 3, stop.clone()))
+        .collect();
+    let until = Instant::now() + Duration::from_secs(4);
+    let slow_clients = burst(tg.url("/slow"), 24, until);
+    let fast_clients = burst(tg.url("/fast"), 4, until);
+    let mut slow_results = Vec::new();
+    for c in slow_clients {
+        slow_results.extend(c.await.unwrap());
+    }
+    let mut fast_results = Vec::new();
+    for c in fast_clients {
+        fast_results.extend(c.await.unwrap());
+    }
+    stop.store(true, Ordering::SeqCst);
+    let stats = tokio::task::spawn_blocking(move || {
+        probers
+            .into_iter()
+            .map(|p| p.join().unwrap())
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    for s in &stats {
+        assert_eq!(s.failures, 0, "{stats:?}");
+        assert!(s.attempts >= 10, "{stats:?}");
+    }
+    let fast_ok = fast_results
+        .iter()
+        .filter(|(s, _)| *s == StatusCode::OK)
+        .count();
+    assert!(
+        fast_ok * 100 >= fast_results.len() * 95,
+        "fast route served: {fast_ok}/{}",
+        fast_results.len()
+    );
+    let mut shed: Vec<Duration> = slow_results
+        .iter()
+        .filter(|(s, _)| *s == StatusCode::SERVICE_UNAVAILABLE)
+        .map(|(_, d)| *d)
+        .collect();
+    assert!(!shed.is_empty(), "the excess must be shed");
+    assert!(
+        slow_results
+            .iter()
+            .all(|(s, _)| *s == StatusCode::OK || *s == StatusCode::SERVICE_UNAVAILABLE)
+    );
+    shed.sort();
+    let p99 = shed[(shed.len() * 99 / 100).min(shed.len() - 1)];
+    assert!(
+        p99 < Duration::from_millis(600),
+        "shed p99 {p99:?} (queue timeout 200ms)"
+    );
+    assert!(
+        slow_results.iter().any(|(s, _)| *s == StatusCode::OK),
+        "slow goodput is not zero"
+    );
+}
