@@ -1,0 +1,220 @@
+//! Supervisor mode: tidegate runs the app as its child, as the container's PID 1 would.
+
+mod support;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use http::StatusCode;
+use nix::sys::signal::Signal;
+use support::*;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "tidegate-sup-{}-{}-{name}",
+        std::process::id(),
+        fastrand::u64(..)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn fixture() -> String {
+    concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/child_app.py").to_owned()
+}
+
+async fn wait_ready(admin: std::net::SocketAddr) {
+    eventually_async("ready", Duration::from_secs(20), || async move {
+        matches!(
+            get(&format!("http://{admin}/readyz")).await,
+            Ok((StatusCode::OK, _, _))
+        )
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn child_gets_sigterm_only_after_the_drain_and_its_exit_code_passes_through() {
+    let port = free_port();
+    let dir = scratch("order");
+    let marker = dir.join("marker");
+    let port_s = port.to_string();
+    let marker_s = marker.display().to_string();
+    let fixture = fixture();
+    let mut bin = Binary::start_with(
+        &format!("http://127.0.0.1:{port}"),
+        &[
+            "--shutdown-delay",
+            "800ms",
+            "--drain-timeout",
+            "10s",
+            "--app-health-path",
+            "/health",
+        ],
+        &["python3", &fixture, &port_s, &marker_s, "7"],
+        |_| {},
+    );
+    wait_ready(bin.admin).await;
+    let (status, _, body) = get(&format!("http://{}/hello", bin.addr)).await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert!(body.starts_with("child "), "{body}");
+
+    // A request in flight when shutdown starts must be answered by the still-running child.
+    let long = {
+        let url = format!("http://{}/slow", bin.addr);
+        tokio::spawn(async move { get(&url).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    bin.signal(Signal::SIGTERM);
+    let admin = bin.admin;
+    eventually_async("not ready", Duration::from_secs(2), || async move {
+        get(&format!("http://{admin}/readyz")).await.map(|r| r.0)
+            == Ok(StatusCode::SERVICE_UNAVAILABLE)
+    })
+    .await;
+    // Still in the delay: the child has not been signalled and still serves.
+    assert!(!marker.exists(), "the child got SIGTERM before the drain");
+    assert_eq!(
+        get(&format!("http://{}/during", bin.addr)).await.unwrap().0,
+        StatusCode::OK
+    );
+
+    let (status, _, body) = long.await.unwrap().unwrap();
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (code, log) = tokio::task::spawn_blocking(move || {
+        let code = bin.wait_exit(Duration::from_secs(20));
+        (code, bin.log())
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 7, "the child's exit code passes through: {log}");
+    assert_eq!(std::fs::read_to_string(&marker).unwrap(), "TERM\n");
+    let drained = log.find("Shutdown: drained").expect("drained logged");
+    let term = log
+        .find("Sending SIGTERM to the app")
+        .expect("SIGTERM logged");
+    assert!(drained < term, "SIGTERM only after the drain:\n{log}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orphaned_grandchild_is_reaped() {
+    let dir = scratch("orphan");
+    let pidfile = dir.join("orphan.pid");
+    // The subshell starts `sleep` in the background and exits: `sleep` is orphaned and comes
+    // to tidegate (the subreaper); when it exits it must be reaped, not left a zombie.
+    let script = format!(
+        "(sleep 1 & echo $! > {}) ; exec sleep 30",
+        pidfile.display()
+    );
+    let upstream = ok_upstream().await;
+    let mut bin = Binary::start_with(
+        &format!("http://{}", upstream.addr),
+        &["--shutdown-delay", "0s"],
+        &["sh", "-c", &script],
+        |_| {},
+    );
+    eventually("orphan pid written", Duration::from_secs(5), || {
+        std::fs::read_to_string(&pidfile)
+            .map(|s| s.trim().parse::<i32>().is_ok())
+            .unwrap_or(false)
+    })
+    .await;
+    let orphan: i32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let stat = format!("/proc/{orphan}/stat");
+    let tidegate_pid = bin.pid();
+    eventually(
+        "the orphan is re-parented to tidegate, the subreaper",
+        Duration::from_secs(5),
+        || {
+            let text = std::fs::read_to_string(&stat).expect("orphan still running");
+            let ppid = text
+                .rsplit(')')
+                .next()
+                .and_then(|rest| rest.split_whitespace().nth(1));
+            ppid == Some(tidegate_pid.to_string().as_str())
+        },
+    )
+    .await;
+    eventually(
+        "orphan exited and was reaped (no zombie left)",
+        Duration::from_secs(10),
+        || {
+            match std::fs::read_to_string(&stat) {
+                Err(_) => true,
+                Ok(text) => {
+                    // Field 3 is the state; it must not stay Z.
+                    let state = text
+                        .rsplit(')')
+                        .next()
+                        .and_then(|rest| rest.split_whitespace().next());
+                    assert_ne!(state, None);
+                    false
+                }
+            }
+        },
+    )
+    .await;
+    bin.signal(Signal::SIGTERM);
+    let code = tokio::task::spawn_blocking(move || bin.wait_exit(Duration::from_secs(20)))
+        .await
+        .unwrap();
+    // `sleep 30` dies of SIGTERM: 128 + 15.
+    assert_eq!(code, 143);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn child_dying_on_its_own_fails_readiness_and_exits_with_its_code() {
+    let upstream = ok_upstream().await;
+    let mut bin = Binary::start_with(
+        &format!("http://{}", upstream.addr),
+        &["--shutdown-delay", "30s"],
+        &["sh", "-c", "sleep 1; exit 5"],
+        |_| {},
+    );
+    wait_ready(bin.admin).await;
+    let start = Instant::now();
+    let (code, log) = tokio::task::spawn_blocking(move || {
+        let code = bin.wait_exit(Duration::from_secs(15));
+        (code, bin.log())
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 5, "{log}");
+    assert!(log.contains("App exited on its own"), "{log}");
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "the 30 s delay is skipped for a dead app"
+    );
+}
+
+#[test]
+fn missing_command_exits_127() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tidegate"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--",
+            "/nonexistent/app",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(127));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("/nonexistent/app"), "{stderr}");
+}
