@@ -217,10 +217,10 @@ impl AdminHandle {
     /// most `wait`.
     pub fn shutdown(mut self, wait: Duration) {
         self.stop.notify_one();
-        if self.done.recv_timeout(wait).is_ok() {
-            if let Some(thread) = self.thread.take() {
-                let _ = thread.join();
-            }
+        if self.done.recv_timeout(wait).is_ok()
+            && let Some(thread) = self.thread.take()
+        {
+            let _ = thread.join();
         }
     }
 }

@@ -124,10 +124,10 @@ impl UpstreamBody {
     }
 
     fn release_if_ended(&mut self) {
-        if self.inner.as_ref().is_none_or(Body::is_end_stream) {
-            if let Some(guard) = self.guard.take() {
-                guard.complete();
-            }
+        if self.inner.as_ref().is_none_or(Body::is_end_stream)
+            && let Some(guard) = self.guard.take()
+        {
+            guard.complete();
         }
     }
 }

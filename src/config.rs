@@ -243,20 +243,20 @@ impl Args {
             if !seen.insert(route.prefix.clone()) {
                 return Err(ConfigError::DuplicateRoute(route.prefix.clone()));
             }
-            if let Some(global) = self.max_concurrency {
-                if route.limit > global {
-                    return Err(ConfigError::RouteAboveGlobal {
-                        prefix: route.prefix.clone(),
-                        limit: route.limit,
-                        global,
-                    });
-                }
+            if let Some(global) = self.max_concurrency
+                && route.limit > global
+            {
+                return Err(ConfigError::RouteAboveGlobal {
+                    prefix: route.prefix.clone(),
+                    limit: route.limit,
+                    global,
+                });
             }
         }
-        if let Some(path) = &self.app_health_path {
-            if !path.starts_with('/') {
-                return Err(ConfigError::HealthPath(path.clone()));
-            }
+        if let Some(path) = &self.app_health_path
+            && !path.starts_with('/')
+        {
+            return Err(ConfigError::HealthPath(path.clone()));
         }
         for (name, value) in [
             ("connect-timeout", self.connect_timeout),

@@ -88,12 +88,12 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let mut result = ready!(this.inner.poll(cx));
-        if let (Ok(response), Some(lifecycle)) = (&mut result, this.lifecycle.as_ref()) {
-            if lifecycle.is_shutting_down() {
-                response
-                    .headers_mut()
-                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            }
+        if let (Ok(response), Some(lifecycle)) = (&mut result, this.lifecycle.as_ref())
+            && lifecycle.is_shutting_down()
+        {
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         Poll::Ready(result)
     }

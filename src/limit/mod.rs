@@ -192,10 +192,10 @@ impl Limiter {
         let start = Instant::now();
         let deadline = start + shared.queue_timeout;
         let wait = async {
-            if route_permit.is_none() {
-                if let Some(sem) = route_sem {
-                    route_permit = Some(sem.clone().acquire_owned().await.map_err(|_| ())?);
-                }
+            if route_permit.is_none()
+                && let Some(sem) = route_sem
+            {
+                route_permit = Some(sem.clone().acquire_owned().await.map_err(|_| ())?);
             }
             match &shared.global {
                 Some(global) => global

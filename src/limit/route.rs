@@ -58,7 +58,7 @@ impl RouteTable {
             .enumerate()
             .map(|(i, r)| (r.prefix.clone(), i))
             .collect();
-        by_length.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        by_length.sort_by_key(|(prefix, _)| std::cmp::Reverse(prefix.len()));
         RouteTable { by_length }
     }
 

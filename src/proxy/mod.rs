@@ -182,15 +182,15 @@ impl Shared {
         };
         self.progress.record();
 
-        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-            if let Some(client_side) = upgrade {
-                let app_side = hyper::upgrade::on(&mut response);
-                self.tunnels
-                    .spawn(upgrade::tunnel(client_side, app_side, guard));
-                let (mut parts, _empty) = response.into_parts();
-                headers::strip_hop_by_hop(&mut parts.headers, true);
-                return Ok(Response::from_parts(parts, ResponseBody::empty()));
-            }
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS
+            && let Some(client_side) = upgrade
+        {
+            let app_side = hyper::upgrade::on(&mut response);
+            self.tunnels
+                .spawn(upgrade::tunnel(client_side, app_side, guard));
+            let (mut parts, _empty) = response.into_parts();
+            headers::strip_hop_by_hop(&mut parts.headers, true);
+            return Ok(Response::from_parts(parts, ResponseBody::empty()));
         }
 
         let (mut parts, body) = response.into_parts();
