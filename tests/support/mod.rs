@@ -327,24 +327,29 @@ impl Binary {
         child_command: &[&str],
         customize: impl FnOnce(&mut Command),
     ) -> Binary {
-        use std::io::BufRead;
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tidegate"));
-        cmd.args([
+        let mut args: Vec<&str> = vec![
             "--listen",
             "127.0.0.1:0",
             "--admin-listen",
             "127.0.0.1:0",
             "--upstream",
             upstream,
-            "--log-format",
-            "json",
             "--app-health-interval",
             "100ms",
-        ])
-        .args(extra);
+        ];
+        args.extend_from_slice(extra);
         if !child_command.is_empty() {
-            cmd.arg("--").args(child_command);
+            args.push("--");
+            args.extend_from_slice(child_command);
         }
+        Self::start_raw(&args, customize)
+    }
+
+    /// Starts the binary with exactly `args` (plus JSON logs); waits for its start-up line.
+    pub fn start_raw(args: &[&str], customize: impl FnOnce(&mut Command)) -> Binary {
+        use std::io::BufRead;
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tidegate"));
+        cmd.args(["--log-format", "json"]).args(args);
         cmd.stdout(Stdio::null()).stderr(Stdio::piped());
         customize(&mut cmd);
         let mut child = cmd.spawn().expect("spawn tidegate");
