@@ -38,11 +38,15 @@ fn runtime(name: &str) -> tokio::runtime::Runtime {
 
 /// An app answering "ok" at once, except `/hold`, which waits until the bench ends.
 async fn app(hold: Arc<Semaphore>) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
             let _ = stream.set_nodelay(true);
             let hold = hold.clone();
             tokio::spawn(async move {
@@ -124,8 +128,15 @@ fn main() {
     let start = |extra: &[&str]| -> SocketAddr {
         let upstream = format!("http://{app_addr}");
         let mut args = vec![
-            "tidegate", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0",
-            "--upstream", &upstream, "--access-log", "false",
+            "tidegate",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--upstream",
+            &upstream,
+            "--access-log",
+            "false",
         ];
         args.extend_from_slice(extra);
         let config = tidegate::Config::try_from_iter(args).expect("flags");
@@ -142,7 +153,8 @@ fn main() {
     let held = load_rt.spawn({
         let url = format!("http://{saturated}/hold");
         async move {
-            let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+            let client: Client<_, Empty<Bytes>> =
+                Client::builder(TokioExecutor::new()).build_http();
             let _ = client.get(url.parse().expect("uri")).await;
         }
     });
@@ -150,8 +162,14 @@ fn main() {
 
     let targets = [
         ("direct (client → app)", format!("http://{app_addr}/")),
-        ("proxied (client → tidegate → app)", format!("http://{pass}/")),
-        ("refused (app saturated → 503)", format!("http://{saturated}/")),
+        (
+            "proxied (client → tidegate → app)",
+            format!("http://{pass}/"),
+        ),
+        (
+            "refused (app saturated → 503)",
+            format!("http://{saturated}/"),
+        ),
     ];
     let mut results: Vec<Vec<Round>> = targets.iter().map(|_| Vec::new()).collect();
     // Warm-up, then interleaved rounds.
@@ -167,7 +185,10 @@ fn main() {
         "{} requests x {} rounds, {} keep-alive connections, 1 thread each for app, tidegate, load",
         REQUESTS_PER_ROUND, ROUNDS, CONNECTIONS
     );
-    println!("{:<36} {:>10} {:>10} {:>10} {:>8}", "target (median round)", "req/s", "p50 µs", "p99 µs", "status");
+    println!(
+        "{:<36} {:>10} {:>10} {:>10} {:>8}",
+        "target (median round)", "req/s", "p50 µs", "p99 µs", "status"
+    );
     let mut medians = Vec::new();
     for (i, (name, _)) in targets.iter().enumerate() {
         let rounds = &mut results[i];
