@@ -285,7 +285,11 @@ async fn rolling_restart(with_tidegate: bool) -> Load {
             while !stop.load(Ordering::SeqCst) {
                 n += 1;
                 // One request in ten takes a second: some are always in flight.
-                let path = if (n + c) % 10 == 0 { "/slow" } else { "/fast" };
+                let path = if (n + c).is_multiple_of(10) {
+                    "/slow"
+                } else {
+                    "/fast"
+                };
                 let req = Request::get(format!("{base}{path}")).body(empty()).unwrap();
                 match tokio::time::timeout(Duration::from_secs(10), send(&client, req)).await {
                     Ok(Ok((status, _, _))) if status.is_success() => {
@@ -303,9 +307,9 @@ async fn rolling_restart(with_tidegate: bool) -> Load {
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    for i in 0..REPLICAS {
-        slots[i].terminate(with_tidegate).await;
-        slots[i].start(with_tidegate, &dir);
+    for (i, slot) in slots.iter_mut().enumerate() {
+        slot.terminate(with_tidegate).await;
+        slot.start(with_tidegate, &dir);
         haproxy.wait_up(i).await;
         // Endpoints converge before the next pod goes (maxUnavailable: 1, minReadySeconds).
         tokio::time::sleep(Duration::from_millis(300)).await;
