@@ -560,3 +560,49 @@ async fn saturation_incident_reproduced_and_prevented() {
         "slow goodput is not zero"
     );
 }
+
+/// `/livez` reflects the proxy runtime: when its workers are blocked, the heartbeat goes
+/// stale and `/livez` fails, answered all the same by the admin lane; then it recovers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn livez_fails_when_the_proxy_runtime_is_stuck() {
+    let app = ok_upstream().await;
+    let tg = tidegate(app.addr, &["--heartbeat-timeout", "300ms"]).await;
+    tg.wait_ready().await;
+    let admin = tg.admin;
+    let watcher = std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut saw_503 = None;
+        while Instant::now() < deadline {
+            let start = Instant::now();
+            let status = probe_blocking(admin, "/livez", Duration::from_secs(1));
+            let took = start.elapsed();
+            if status == Ok(503) {
+                saw_503 = Some(took);
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        saw_503
+    });
+    // Block both worker threads of the runtime tidegate runs on (this test's runtime).
+    let blockers: Vec<_> = (0..2)
+        .map(|_| tokio::spawn(async { std::thread::sleep(Duration::from_millis(1500)) }))
+        .collect();
+    for b in blockers {
+        b.await.unwrap();
+    }
+    let answered_in = tokio::task::spawn_blocking(move || watcher.join().unwrap())
+        .await
+        .unwrap()
+        .expect("/livez must fail while the proxy runtime is stuck");
+    assert!(
+        answered_in < Duration::from_millis(100),
+        "the admin lane still answers fast: {answered_in:?}"
+    );
+    let url = tg.admin_url("/livez");
+    eventually_async("/livez recovers", Duration::from_secs(5), || {
+        let url = url.clone();
+        async move { get(&url).await.map(|r| r.0) == Ok(StatusCode::OK) }
+    })
+    .await;
+}
