@@ -220,22 +220,7 @@ async fn saturated_but_progressing_app_stays_alive_and_ready() {
     );
     // ...but it is alive for as long as it keeps completing requests, well past the window.
     let admin = tg.admin;
-    let stats = tokio::task::spawn_blocking(move || {
-        let stop = Arc::new(AtomicBool::new(false));
-        let prober = spawn_prober(
-            admin,
-            "/app/livez",
-            Duration::from_millis(50),
-            Duration::from_secs(1),
-            3,
-            stop.clone(),
-        );
-        std::thread::sleep(Duration::from_millis(2500));
-        stop.store(true, Ordering::SeqCst);
-        prober.join().unwrap()
-    })
-    .await
-    .unwrap();
+    let stats = probe_for(admin, "/app/livez", Duration::from_millis(2500)).await;
     stop.store(true, Ordering::SeqCst);
     assert!(worker.await.unwrap() > 20);
     assert_eq!(stats.failures, 0, "{stats:?}");
@@ -288,22 +273,7 @@ async fn busy_checks_do_not_fail_readiness_once_ready() {
         })
     };
     let admin = tg.admin;
-    let stats = tokio::task::spawn_blocking(move || {
-        let stop = Arc::new(AtomicBool::new(false));
-        let prober = spawn_prober(
-            admin,
-            "/readyz",
-            Duration::from_millis(50),
-            Duration::from_secs(1),
-            3,
-            stop.clone(),
-        );
-        std::thread::sleep(Duration::from_millis(1500));
-        stop.store(true, Ordering::SeqCst);
-        prober.join().unwrap()
-    })
-    .await
-    .unwrap();
+    let stats = probe_for(admin, "/readyz", Duration::from_millis(1500)).await;
     stop.store(true, Ordering::SeqCst);
     worker.await.unwrap();
     assert_eq!(stats.failures, 0, "{stats:?}");

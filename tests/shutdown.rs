@@ -54,16 +54,6 @@ async fn request_on(stream: &mut TcpStream, path: &str) -> (String, String) {
     }
 }
 
-async fn wait_ready(admin: std::net::SocketAddr) {
-    eventually_async("ready", Duration::from_secs(10), || async move {
-        matches!(
-            get(&format!("http://{admin}/readyz")).await,
-            Ok((StatusCode::OK, _, _))
-        )
-    })
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_fails_readiness_serves_through_the_delay_then_drains_and_exits_0() {
     let upstream = app(Duration::from_millis(2500)).await;
@@ -71,7 +61,7 @@ async fn sigterm_fails_readiness_serves_through_the_delay_then_drains_and_exits_
         &format!("http://{}", upstream.addr),
         &["--shutdown-delay", "1s", "--drain-timeout", "10s"],
     );
-    wait_ready(bin.admin).await;
+    wait_admin_ready(bin.admin).await;
     let mut existing = TcpStream::connect(bin.addr).await.unwrap();
     let (head, _) = request_on(&mut existing, "/before").await;
     assert!(!head.contains("connection: close"), "{head}");
@@ -164,7 +154,7 @@ async fn drain_timeout_with_a_hung_request_exits_with_the_distinct_code() {
         &format!("http://{}", gate.addr()),
         &["--shutdown-delay", "0s", "--drain-timeout", "500ms"],
     );
-    wait_ready(bin.admin).await;
+    wait_admin_ready(bin.admin).await;
     let hung = {
         let url = format!("http://{}/hang", bin.addr);
         tokio::spawn(async move { get(&url).await })
@@ -189,7 +179,7 @@ async fn second_signal_skips_the_delay_and_sigquit_exits_at_once() {
         &format!("http://{}", upstream.addr),
         &["--shutdown-delay", "60s"],
     );
-    wait_ready(bin.admin).await;
+    wait_admin_ready(bin.admin).await;
     bin.signal(Signal::SIGTERM);
     let admin = bin.admin;
     eventually_async("not ready", Duration::from_secs(5), || async move {
@@ -213,7 +203,7 @@ async fn second_signal_skips_the_delay_and_sigquit_exits_at_once() {
         &format!("http://{}", upstream.addr),
         &["--shutdown-delay", "60s"],
     );
-    wait_ready(bin.admin).await;
+    wait_admin_ready(bin.admin).await;
     bin.signal(Signal::SIGQUIT);
     let code = tokio::task::spawn_blocking(move || bin.wait_exit(Duration::from_secs(5)))
         .await
@@ -228,7 +218,7 @@ async fn prestop_answers_only_after_the_drain() {
         &format!("http://{}", upstream.addr),
         &["--shutdown-delay", "300ms", "--drain-timeout", "10s"],
     );
-    wait_ready(bin.admin).await;
+    wait_admin_ready(bin.admin).await;
     let long_done = Arc::new(AtomicBool::new(false));
     let long = {
         let (url, done) = (format!("http://{}/slow", bin.addr), long_done.clone());
@@ -265,7 +255,7 @@ async fn post_drain_starts_shutdown_without_waiting() {
         &format!("http://{}", upstream.addr),
         &["--shutdown-delay", "500ms"],
     );
-    wait_ready(bin.admin).await;
+    wait_admin_ready(bin.admin).await;
     let req = Request::post(format!("http://{}/drain", bin.admin))
         .body(empty())
         .unwrap();
@@ -298,7 +288,7 @@ async fn http2_connections_get_goaway_when_shutdown_starts() {
         &format!("http://{}", upstream.addr),
         &["--shutdown-delay", "3s"],
     );
-    wait_ready(bin.admin).await;
+    wait_admin_ready(bin.admin).await;
     let stream = TcpStream::connect(bin.addr).await.unwrap();
     let (mut sender, conn) = hyper::client::conn::http2::handshake(
         hyper_util::rt::TokioExecutor::new(),

@@ -9,14 +9,6 @@ use http::StatusCode;
 use nix::sys::signal::Signal;
 use support::*;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!(
         "tidegate-sup-{}-{}-{name}",
@@ -29,16 +21,6 @@ fn scratch(name: &str) -> PathBuf {
 
 fn fixture() -> String {
     concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/child_app.py").to_owned()
-}
-
-async fn wait_ready(admin: std::net::SocketAddr) {
-    eventually_async("ready", Duration::from_secs(20), || async move {
-        matches!(
-            get(&format!("http://{admin}/readyz")).await,
-            Ok((StatusCode::OK, _, _))
-        )
-    })
-    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -62,7 +44,7 @@ async fn child_gets_sigterm_only_after_the_drain_and_its_exit_code_passes_throug
         &["python3", &fixture, &port_s, &marker_s, "7"],
         |_| {},
     );
-    wait_ready(bin.admin).await;
+    wait_admin_ready(bin.admin).await;
     let (status, _, body) = get(&format!("http://{}/hello", bin.addr)).await.unwrap();
     assert_eq!(status, StatusCode::OK);
     assert!(body.starts_with("child "), "{body}");
@@ -185,7 +167,7 @@ async fn child_dying_on_its_own_fails_readiness_and_exits_with_its_code() {
         &["sh", "-c", "sleep 1; exit 5"],
         |_| {},
     );
-    wait_ready(bin.admin).await;
+    wait_admin_ready(bin.admin).await;
     let start = Instant::now();
     let (code, log) = tokio::task::spawn_blocking(move || {
         let code = bin.wait_exit(Duration::from_secs(15));

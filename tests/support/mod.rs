@@ -421,12 +421,7 @@ impl Binary {
 
     /// Resident memory in KiB.
     pub fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap()
+        rss_kib_of(self.pid()).expect("the binary is running")
     }
 }
 
@@ -520,4 +515,56 @@ pub fn spawn_prober(
         }
         stats
     })
+}
+
+// ===== small shared helpers =====
+
+/// A port that was free a moment ago (for configs that need a fixed port up front).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Waits until the admin lane at `admin` answers `/readyz` with 200.
+pub async fn wait_admin_ready(admin: SocketAddr) {
+    eventually_async("ready", Duration::from_secs(20), || async move {
+        matches!(
+            get(&format!("http://{admin}/readyz")).await,
+            Ok((StatusCode::OK, _, _))
+        )
+    })
+    .await;
+}
+
+/// Resident memory of process `pid` in KiB.
+pub fn rss_kib_of(pid: i32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// Runs a kubelet-like prober against `admin` + `path` every 50 ms for `duration`, off the
+/// async runtime, and returns what it saw.
+pub async fn probe_for(admin: SocketAddr, path: &'static str, duration: Duration) -> ProbeStats {
+    tokio::task::spawn_blocking(move || {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let prober = spawn_prober(
+            admin,
+            path,
+            Duration::from_millis(50),
+            Duration::from_secs(1),
+            3,
+            stop.clone(),
+        );
+        std::thread::sleep(duration);
+        stop.store(true, Ordering::SeqCst);
+        prober.join().unwrap()
+    })
+    .await
+    .unwrap()
 }
