@@ -13,7 +13,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 
-use crate::config::Upstream;
+use crate::config::{LiveConfig, Upstream};
 use crate::error::{BoxError, UpstreamConnect, UpstreamConnectTimeout};
 
 /// A connection to the app.
@@ -30,7 +30,7 @@ pub enum Stream {
 #[derive(Clone, Debug)]
 pub struct Connector {
     upstream: Arc<Upstream>,
-    timeout: Duration,
+    live: LiveConfig,
 }
 
 /// Opens a connection to the app within `timeout`.
@@ -58,11 +58,11 @@ pub async fn connect(upstream: &Upstream, timeout: Duration) -> Result<Stream, B
 // === impl Connector ===
 
 impl Connector {
-    /// A connector to `upstream` with a connect timeout.
-    pub fn new(upstream: Upstream, timeout: Duration) -> Connector {
+    /// A connector to `upstream`; the connect timeout is read from the live config.
+    pub fn new(upstream: Upstream, live: LiveConfig) -> Connector {
         Connector {
             upstream: Arc::new(upstream),
-            timeout,
+            live,
         }
     }
 }
@@ -78,7 +78,7 @@ impl tower::Service<http::Uri> for Connector {
 
     fn call(&mut self, _uri: http::Uri) -> Self::Future {
         let upstream = self.upstream.clone();
-        let timeout = self.timeout;
+        let timeout = self.live.load().args.connect_timeout;
         Box::pin(async move { connect(&upstream, timeout).await.map(TokioIo::new) })
     }
 }

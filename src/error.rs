@@ -24,6 +24,8 @@ pub enum ShedReason {
 pub struct Overloaded {
     /// Why the request was refused.
     pub reason: ShedReason,
+    /// The route's own `Retry-After` base, if it sets one.
+    pub retry_after: Option<std::time::Duration>,
 }
 
 /// The app could not be reached: connection refused, unreachable, or the socket is missing.

@@ -31,6 +31,7 @@ pub mod limit;
 pub mod logging;
 pub mod metrics;
 pub mod proxy;
+pub mod reload;
 pub mod rescue;
 pub mod serve;
 pub mod server;

@@ -4,10 +4,9 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use tidegate::drain::{DrainOutcome, Lifecycle};
 use tidegate::supervise::Child;
-use tidegate::{Args, Config, EXIT_CONFIG, EXIT_DRAIN_TIMEOUT, EXIT_FAILURE, Server};
+use tidegate::{Config, EXIT_CONFIG, EXIT_DRAIN_TIMEOUT, EXIT_FAILURE, Server};
 
 fn main() -> ExitCode {
     let config = match parse() {
@@ -37,24 +36,13 @@ fn main() -> ExitCode {
 }
 
 fn parse() -> Result<Config, ExitCode> {
-    let args = match Args::try_parse() {
-        Ok(args) => args,
-        Err(error) if !error.use_stderr() => {
-            // --help and --version.
-            let _ = error.print();
-            return Err(ExitCode::SUCCESS);
+    Config::from_env_args().map_err(|error| {
+        match error {
+            tidegate::config::ConfigError::Flags(line) => {
+                eprintln!("tidegate: {line} (see --help)")
+            }
+            error => eprintln!("tidegate: {}", chain(&error)),
         }
-        Err(error) => {
-            // One line naming the problem; clap's usage block is for --help.
-            let rendered = error.render().to_string();
-            let line = rendered.lines().next().unwrap_or("invalid arguments");
-            let line = line.strip_prefix("error: ").unwrap_or(line);
-            eprintln!("tidegate: {line} (see --help)");
-            return Err(ExitCode::from(EXIT_CONFIG as u8));
-        }
-    };
-    args.validate().map_err(|error| {
-        eprintln!("tidegate: {error}");
         ExitCode::from(EXIT_CONFIG as u8)
     })
 }
@@ -68,6 +56,7 @@ async fn run(config: Config) -> i32 {
         }
     };
     let lifecycle = server.lifecycle();
+    let reloader = server.reloader();
     let signals = match tidegate::signals::listen() {
         Ok(signals) => signals,
         Err(error) => {
@@ -96,7 +85,7 @@ async fn run(config: Config) -> i32 {
         let lifecycle = lifecycle.clone();
         let child = child.clone();
         async move {
-            let code = tidegate::signals::drive(signals, lifecycle).await;
+            let code = tidegate::signals::drive(signals, lifecycle, reloader).await;
             if let Some(child) = child {
                 child.kill();
             }

@@ -14,6 +14,8 @@ use prometheus::{
 };
 use tower::{Layer, Service};
 
+use crate::config::LiveConfig;
+
 /// Every metric tidegate exports. Names are stable: dashboards and alerts depend on them.
 #[derive(Debug)]
 pub struct Metrics {
@@ -62,13 +64,19 @@ pub struct Metrics {
     pub shutdown_phase: IntGauge,
     /// `tidegate_drain_cut_requests`: requests still in flight when the drain timeout hit.
     pub drain_cut: IntGauge,
+    /// `tidegate_config_reloads_total{result}`: reloads, `ok` or `error`.
+    pub reloads: IntCounterVec,
+    /// `tidegate_config_generation`: configurations applied since start (1 = the first).
+    pub config_generation: IntGauge,
+    /// `tidegate_config_hash`: low 52 bits of the config file's hash (0 without a file).
+    pub config_hash: prometheus::Gauge,
 }
 
 /// Tower layer that records [`Metrics`] for every request (see [`Record`]).
 #[derive(Clone, Debug)]
 pub struct RecordLayer {
     metrics: Arc<Metrics>,
-    access_log: bool,
+    live: LiveConfig,
 }
 
 /// Service produced by [`RecordLayer`]: counts responses, times them, writes the access log.
@@ -76,7 +84,7 @@ pub struct RecordLayer {
 pub struct Record<S> {
     inner: S,
     metrics: Arc<Metrics>,
-    access_log: bool,
+    live: LiveConfig,
 }
 
 /// Error building the registry (a duplicate or malformed metric: a programming error).
@@ -279,6 +287,30 @@ impl Metrics {
                     "Requests still in flight when the drain timeout cut them off",
                 )?,
             )?,
+            reloads: reg(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "tidegate_config_reloads_total",
+                        "Configuration reloads, by result",
+                    ),
+                    &["result"],
+                )?,
+            )?,
+            config_generation: reg(
+                r,
+                IntGauge::new(
+                    "tidegate_config_generation",
+                    "Configurations applied since start (1 = the first)",
+                )?,
+            )?,
+            config_hash: reg(
+                r,
+                prometheus::Gauge::new(
+                    "tidegate_config_hash",
+                    "Low 52 bits of the config file's hash (0 without a file)",
+                )?,
+            )?,
             registry,
         };
         Ok(m)
@@ -299,11 +331,12 @@ impl Metrics {
         &self.registry
     }
 
-    /// A layer recording request metrics, optionally with an access log line per request.
-    pub fn layer(self: &Arc<Self>, access_log: bool) -> RecordLayer {
+    /// A layer recording request metrics, with an access log line per request while the
+    /// live config's `access_log` is on.
+    pub fn layer(self: &Arc<Self>, live: LiveConfig) -> RecordLayer {
         RecordLayer {
             metrics: self.clone(),
-            access_log,
+            live,
         }
     }
 }
@@ -325,7 +358,7 @@ impl<S> Layer<S> for RecordLayer {
         Record {
             inner,
             metrics: self.metrics.clone(),
-            access_log: self.access_log,
+            live: self.live.clone(),
         }
     }
 }
@@ -349,7 +382,7 @@ where
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let start = Instant::now();
         let metrics = self.metrics.clone();
-        let log = self.access_log.then(|| {
+        let log = self.live.load().args.access_log.then(|| {
             (
                 req.method().clone(),
                 req.uri().path().to_owned(),

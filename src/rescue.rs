@@ -21,6 +21,7 @@ use http::{Response, StatusCode};
 use tower::{Layer, Service};
 
 use crate::body::ResponseBody;
+use crate::config::LiveConfig;
 use crate::error::{
     BoxError, Overloaded, UpstreamConnect, UpstreamConnectTimeout, UpstreamReset, UpstreamTimeout,
     find_cause, is_caused_by,
@@ -42,16 +43,16 @@ pub struct RetryAfter {
 }
 
 /// Layer producing [`Rescue`].
-#[derive(Copy, Clone, Debug)]
+#[derive(Clone, Debug)]
 pub struct RescueLayer {
-    retry_after: RetryAfter,
+    live: LiveConfig,
 }
 
 /// Maps the inner service's errors to responses; its own error type is [`Infallible`].
 #[derive(Clone, Debug)]
 pub struct Rescue<S> {
     inner: S,
-    retry_after: RetryAfter,
+    live: LiveConfig,
 }
 
 /// Future returned by [`Rescue`].
@@ -61,9 +62,9 @@ pub type ResponseFuture =
 // === impl RetryAfter ===
 
 impl RetryAfter {
-    /// Picks a value in whole seconds (at least 1).
-    pub fn pick(&self) -> u64 {
-        let base = self.base.as_secs().max(1);
+    /// Picks a value in whole seconds (at least 1); `base` overrides the configured base.
+    pub fn pick(&self, base: Option<Duration>) -> u64 {
+        let base = base.unwrap_or(self.base).as_secs().max(1);
         let jitter = self.jitter.as_secs();
         base + if jitter == 0 {
             0
@@ -76,9 +77,9 @@ impl RetryAfter {
 // === impl RescueLayer ===
 
 impl RescueLayer {
-    /// A rescue layer with the given `Retry-After` policy.
-    pub fn new(retry_after: RetryAfter) -> RescueLayer {
-        RescueLayer { retry_after }
+    /// A rescue layer; the `Retry-After` policy is read from the live config on each refusal.
+    pub fn new(live: LiveConfig) -> RescueLayer {
+        RescueLayer { live }
     }
 }
 
@@ -88,7 +89,7 @@ impl<S> Layer<S> for RescueLayer {
     fn layer(&self, inner: S) -> Rescue<S> {
         Rescue {
             inner,
-            retry_after: self.retry_after,
+            live: self.live.clone(),
         }
     }
 }
@@ -115,11 +116,18 @@ where
 
     fn call(&mut self, request: R) -> ResponseFuture {
         let fut = self.inner.call(request);
-        let retry_after = self.retry_after;
+        let live = self.live.clone();
         Box::pin(async move {
             Ok(match fut.await {
                 Ok(response) => response,
-                Err(error) => to_response(&*error, retry_after),
+                Err(error) => {
+                    let config = live.load();
+                    let retry_after = RetryAfter {
+                        base: config.args.retry_after,
+                        jitter: config.args.retry_after_jitter,
+                    };
+                    to_response(&*error, retry_after)
+                }
             })
         })
     }
@@ -137,7 +145,10 @@ pub fn to_response(
             TIDEGATE_SHED,
             HeaderValue::from_static(shed.reason.as_str()),
         );
-        h.insert(header::RETRY_AFTER, HeaderValue::from(retry_after.pick()));
+        h.insert(
+            header::RETRY_AFTER,
+            HeaderValue::from(retry_after.pick(shed.retry_after)),
+        );
         return rsp;
     }
     let (status, kind, body) = if is_caused_by::<UpstreamConnectTimeout>(error) {
@@ -222,6 +233,7 @@ mod tests {
         let rsp = to_response(
             &Overloaded {
                 reason: ShedReason::QueueTimeout,
+                retry_after: None,
             },
             RETRY,
         );
@@ -236,8 +248,22 @@ mod tests {
     }
 
     #[test]
+    fn route_retry_after_overrides_the_base() {
+        let shed = Overloaded {
+            reason: ShedReason::RouteFull,
+            retry_after: Some(Duration::from_secs(30)),
+        };
+        let secs: u64 = to_response(&shed, RETRY).headers()[header::RETRY_AFTER]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((30..=32).contains(&secs), "{secs}");
+    }
+
+    #[test]
     fn jitter_spreads_retry_after() {
-        let seen: std::collections::HashSet<u64> = (0..200).map(|_| RETRY.pick()).collect();
+        let seen: std::collections::HashSet<u64> = (0..200).map(|_| RETRY.pick(None)).collect();
         assert!(seen.len() > 1, "{seen:?}");
         assert!(seen.iter().all(|s| (1..=3).contains(s)));
     }

@@ -9,13 +9,14 @@ use std::time::Duration;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::{self, AdminHandle};
-use crate::config::Config;
+use crate::config::{Config, LiveConfig};
 use crate::drain::{CloseOnShutdownLayer, DrainOutcome, Lifecycle, Phase};
-use crate::health::{AppChecker, CheckConfig, HealthConfig, HealthState};
-use crate::limit::{LimitConfig, LimitLayer, Limiter};
+use crate::health::{AppChecker, HealthState};
+use crate::limit::{LimitLayer, Limiter};
 use crate::metrics::{Metrics, MetricsError};
-use crate::proxy::{Proxy, ProxyConfig};
-use crate::rescue::{RescueLayer, RetryAfter};
+use crate::proxy::Proxy;
+use crate::reload::Reloader;
+use crate::rescue::RescueLayer;
 use crate::serve::{self, ServeConfig};
 use crate::stack::ProxyStack;
 
@@ -25,6 +26,8 @@ const HEARTBEAT_PERIOD: Duration = Duration::from_millis(100);
 const ADMIN_FLUSH: Duration = Duration::from_secs(2);
 /// How long refused queued requests get to be written when the drain timeout hits.
 const REFUSAL_FLUSH: Duration = Duration::from_millis(250);
+/// How often the config file is checked for changes.
+const CONFIG_POLL: Duration = Duration::from_secs(1);
 
 /// A failure to start.
 #[derive(Debug, thiserror::Error)]
@@ -51,7 +54,8 @@ pub enum StartError {
 /// Bound listeners and shared state, before anything runs.
 #[derive(Debug)]
 pub struct Server {
-    config: Config,
+    live: LiveConfig,
+    reloader: Arc<Reloader>,
     metrics: Arc<Metrics>,
     lifecycle: Lifecycle,
     limiter: Limiter,
@@ -63,7 +67,8 @@ pub struct Server {
 /// A started server: the admin lane runs; [`Running::run`] serves the proxy lane.
 #[derive(Debug)]
 pub struct Running {
-    config: Config,
+    live: LiveConfig,
+    reloader: Arc<Reloader>,
     metrics: Arc<Metrics>,
     lifecycle: Lifecycle,
     limiter: Limiter,
@@ -83,27 +88,22 @@ impl Server {
         let admin_listener = bind("admin-listen", config.args.admin_listen)?;
         let metrics = Arc::new(Metrics::new()?);
         let lifecycle = Lifecycle::new();
-        let limiter = Limiter::new(
-            &LimitConfig {
-                max_concurrency: config.args.max_concurrency,
-                max_queue: config.max_queue(),
-                queue_timeout: config.args.queue_timeout,
-                routes: config.args.routes.clone(),
-            },
-            &metrics,
-        );
+        let limiter = Limiter::new(&config.limit_config(), &metrics);
+        let live = LiveConfig::new(config);
         let health = HealthState::new(
-            HealthConfig {
-                heartbeat_timeout: config.args.heartbeat_timeout,
-                progress_window: config.args.progress_window,
-                unready_when_saturated: config.args.unready_when_saturated,
-            },
+            live.clone(),
             lifecycle.clone(),
             limiter.clone(),
             metrics.clone(),
         );
+        let reloader = Arc::new(Reloader::new(
+            live.clone(),
+            limiter.clone(),
+            metrics.clone(),
+        ));
         Ok(Server {
-            config,
+            live,
+            reloader,
             metrics,
             lifecycle,
             limiter,
@@ -138,49 +138,40 @@ impl Server {
         self.metrics.clone()
     }
 
+    /// Applies config-file changes (SIGHUP).
+    pub fn reloader(&self) -> Arc<Reloader> {
+        self.reloader.clone()
+    }
+
+    /// The configuration in force.
+    pub fn live(&self) -> LiveConfig {
+        self.live.clone()
+    }
+
     /// Starts the admin lane (its own thread and runtime) and the app health checks, and
     /// builds the proxy stack. Call [`Running::run`] on the proxy runtime next.
     pub fn start(self) -> Result<Running, StartError> {
-        let args = &self.config.args;
-        let checker = AppChecker::new(
-            CheckConfig {
-                upstream: args.upstream.clone(),
-                path: args.app_health_path.clone(),
-                interval: args.app_health_interval,
-                timeout: args.app_health_timeout,
-                failure_threshold: args.app_health_failure_threshold,
-                success_threshold: args.app_health_success_threshold,
-            },
-            self.health.clone(),
-        );
+        let config = self.live.load();
+        let checker = AppChecker::new(config.args.upstream.clone(), self.health.clone());
         let admin = admin::spawn(self.admin_listener, self.health.clone(), checker)
             .map_err(|e| StartError::Runtime("admin thread", e))?;
         let tunnels = TaskTracker::new();
         let proxy = Proxy::new(
-            &ProxyConfig {
-                upstream: args.upstream.clone(),
-                http2: args.upstream_http2,
-                connect_timeout: args.connect_timeout,
-                response_timeout: args.upstream_timeout,
-                on_client_abort: args.on_client_abort,
-                via: args.via,
-            },
+            self.live.clone(),
             self.health.progress().clone(),
             self.metrics.clone(),
             tunnels.clone(),
         );
         let stack = ProxyStack {
-            record: self.metrics.layer(args.access_log),
+            record: self.metrics.layer(self.live.clone()),
             close: CloseOnShutdownLayer::new(self.lifecycle.clone()),
-            rescue: RescueLayer::new(RetryAfter {
-                base: args.retry_after,
-                jitter: args.retry_after_jitter,
-            }),
+            rescue: RescueLayer::new(self.live.clone()),
             limit: LimitLayer::new(self.limiter.clone()),
             proxy,
         };
         Ok(Running {
-            config: self.config,
+            live: self.live,
+            reloader: self.reloader,
             metrics: self.metrics,
             lifecycle: self.lifecycle,
             limiter: self.limiter,
@@ -213,7 +204,8 @@ impl Running {
     /// the phases: delay, drain, exit. Must run on the proxy runtime.
     pub async fn run(self) -> Result<DrainOutcome, StartError> {
         let Running {
-            config,
+            live,
+            reloader,
             metrics,
             lifecycle,
             limiter,
@@ -223,14 +215,19 @@ impl Running {
             tunnels,
             admin,
         } = self;
-        let args = &config.args;
+        let config = live.load();
         let listener = tokio::net::TcpListener::from_std(proxy_listener).map_err(|source| {
             StartError::Bind {
                 flag: "listen",
-                addr: args.listen,
+                addr: config.args.listen,
                 source,
             }
         })?;
+        let watcher = config
+            .args
+            .config
+            .clone()
+            .map(|path| tokio::spawn(reloader.watch(path, CONFIG_POLL)));
         let heartbeat = tokio::spawn({
             let stamp = health.heartbeat().clone();
             async move {
@@ -247,7 +244,7 @@ impl Running {
             listener,
             stack,
             ServeConfig {
-                header_read_timeout: args.header_read_timeout,
+                header_read_timeout: config.args.header_read_timeout,
             },
             lifecycle.clone(),
             metrics.clone(),
@@ -255,6 +252,9 @@ impl Running {
         ));
 
         lifecycle.reached(Phase::Delay).await;
+        // The timings in force when shutdown starts apply; later reloads do not change them.
+        let config = live.load();
+        let args = &config.args;
         metrics.shutdown_phase.set(Phase::Delay as i64);
         tracing::info!(
             delay_ms = args.shutdown_delay.as_millis() as u64,
@@ -311,6 +311,9 @@ impl Running {
         lifecycle.finish(outcome);
         let _ = tokio::task::spawn_blocking(move || admin.shutdown(ADMIN_FLUSH)).await;
         heartbeat.abort();
+        if let Some(watcher) = watcher {
+            watcher.abort();
+        }
         Ok(outcome)
     }
 

@@ -1,11 +1,15 @@
 //! Process signals, through signal-hook-tokio: SIGTERM and SIGINT start the shutdown, a
-//! second one skips the rest of the delay, a third one or SIGQUIT exits at once.
+//! second one skips the rest of the delay, a third one or SIGQUIT exits at once; SIGHUP
+//! reloads the config file.
+
+use std::sync::Arc;
 
 use futures_util::StreamExt;
-use signal_hook::consts::{SIGINT, SIGQUIT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM};
 use signal_hook_tokio::Signals;
 
 use crate::drain::Lifecycle;
+use crate::reload::Reloader;
 
 /// What the handler asks the process to do.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -18,13 +22,19 @@ pub enum Action {
 
 /// Registers the handlers. Must be called inside a Tokio runtime.
 pub fn listen() -> std::io::Result<Signals> {
-    Signals::new([SIGTERM, SIGINT, SIGQUIT])
+    Signals::new([SIGTERM, SIGINT, SIGQUIT, SIGHUP])
 }
 
-/// Feeds signals into `lifecycle` until one asks for an immediate exit, then returns its code.
-pub async fn drive(mut signals: Signals, lifecycle: Lifecycle) -> i32 {
+/// Feeds signals into `lifecycle` (and SIGHUP into `reloader`) until one asks for an
+/// immediate exit, then returns its code.
+pub async fn drive(mut signals: Signals, lifecycle: Lifecycle, reloader: Arc<Reloader>) -> i32 {
     let mut count = 0u32;
     while let Some(signal) = signals.next().await {
+        if signal == SIGHUP {
+            let reloader = reloader.clone();
+            let _ = tokio::task::spawn_blocking(move || reloader.reload("SIGHUP")).await;
+            continue;
+        }
         count += 1;
         if let Action::ExitNow(code) = on_signal(signal, count, &lifecycle) {
             return code;

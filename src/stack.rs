@@ -37,7 +37,7 @@ impl ProxyStack {
         ServiceBuilder::new()
             .layer(self.record.clone())
             .layer(self.close.clone())
-            .layer(self.rescue)
+            .layer(self.rescue.clone())
             .layer(self.limit.clone())
             .service(self.proxy.for_client(client_addr))
     }

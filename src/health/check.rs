@@ -13,27 +13,21 @@ use crate::config::Upstream;
 use crate::connect;
 use crate::error::BoxError;
 
-/// Settings of the active app checks.
+/// Settings of one round of checks, read from the live config before each check.
 #[derive(Clone, Debug)]
-pub struct CheckConfig {
-    /// The app.
-    pub upstream: Upstream,
+struct CheckConfig {
     /// HTTP path to GET; `None` checks that a TCP (or Unix) connection opens.
-    pub path: Option<String>,
-    /// Time between checks.
-    pub interval: Duration,
-    /// Time one check may take.
-    pub timeout: Duration,
-    /// Consecutive failures that make the app unhealthy.
-    pub failure_threshold: u32,
-    /// Consecutive passes that make the app healthy.
-    pub success_threshold: u32,
+    path: Option<String>,
+    interval: Duration,
+    timeout: Duration,
+    failure_threshold: u32,
+    success_threshold: u32,
 }
 
 /// Runs the checks forever and feeds [`HealthState`].
 #[derive(Debug)]
 pub struct AppChecker {
-    config: CheckConfig,
+    upstream: Upstream,
     state: HealthState,
 }
 
@@ -53,9 +47,22 @@ struct BadStatus(StatusCode);
 // === impl AppChecker ===
 
 impl AppChecker {
-    /// A checker for `config` that reports into `state`.
-    pub fn new(config: CheckConfig, state: HealthState) -> AppChecker {
-        AppChecker { config, state }
+    /// A checker of `upstream` that reports into `state` (and reads its settings from the
+    /// live config in `state`, so they can change on reload).
+    pub fn new(upstream: Upstream, state: HealthState) -> AppChecker {
+        AppChecker { upstream, state }
+    }
+
+    fn settings(&self) -> CheckConfig {
+        let config = self.state.live().load();
+        let a = &config.args;
+        CheckConfig {
+            path: a.app_health_path.clone(),
+            interval: a.app_health_interval,
+            timeout: a.app_health_timeout,
+            failure_threshold: a.app_health_failure_threshold,
+            success_threshold: a.app_health_success_threshold,
+        }
     }
 
     /// Checks forever, one check per interval (the first at once).
@@ -65,8 +72,9 @@ impl AppChecker {
         let mut healthy = false;
         let metrics = self.state.metrics().clone();
         loop {
+            let settings = self.settings();
             let start = Instant::now();
-            let result = tokio::time::timeout(self.config.timeout, self.check_once()).await;
+            let result = tokio::time::timeout(settings.timeout, self.check_once(&settings)).await;
             metrics
                 .app_health_check_duration
                 .observe(start.elapsed().as_secs_f64());
@@ -80,7 +88,7 @@ impl AppChecker {
                     // A saturated app answers its health route late; if it finished proxied
                     // work meanwhile it is busy, not broken, and must not be taken out of
                     // service for being busy.
-                    let window = start.elapsed() + self.config.interval;
+                    let window = start.elapsed() + settings.interval;
                     if self.state.progress().within(window) {
                         Outcome::Busy
                     } else {
@@ -100,34 +108,34 @@ impl AppChecker {
                     self.state.record_pass();
                     failures = 0;
                     passes = passes.saturating_add(1);
-                    if !healthy && passes >= self.config.success_threshold {
+                    if !healthy && passes >= settings.success_threshold {
                         healthy = true;
                     }
                 }
                 Outcome::Fail => {
                     passes = 0;
                     failures = failures.saturating_add(1);
-                    if healthy && failures >= self.config.failure_threshold {
+                    if healthy && failures >= settings.failure_threshold {
                         healthy = false;
                     }
                 }
                 Outcome::Busy => {}
             }
             self.state.set_app_healthy(healthy);
-            tokio::time::sleep_until(start + self.config.interval).await;
+            tokio::time::sleep_until(start + settings.interval).await;
         }
     }
 
-    async fn check_once(&self) -> Result<(), BoxError> {
+    async fn check_once(&self, settings: &CheckConfig) -> Result<(), BoxError> {
         // The caller's timeout bounds the whole check, connect included.
-        let stream = connect::connect(&self.config.upstream, self.config.timeout).await?;
-        let Some(path) = &self.config.path else {
+        let stream = connect::connect(&self.upstream, settings.timeout).await?;
+        let Some(path) = &settings.path else {
             return Ok(());
         };
         let (mut sender, conn) =
             hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         let conn = tokio::spawn(conn);
-        let host = match &self.config.upstream {
+        let host = match &self.upstream {
             Upstream::Tcp { authority } => authority.as_str().to_owned(),
             Upstream::Unix { .. } => "localhost".to_owned(),
         };

@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-pub use self::check::{AppChecker, CheckConfig};
+pub use self::check::AppChecker;
+use crate::config::LiveConfig;
 use crate::drain::{Lifecycle, Phase};
 use crate::limit::Limiter;
 use crate::metrics::Metrics;
@@ -33,20 +34,10 @@ pub struct HealthState {
     shared: Arc<Shared>,
 }
 
-/// Settings that decide the probe answers.
-#[derive(Clone, Debug)]
-pub struct HealthConfig {
-    /// `/livez` fails when the proxy runtime's heartbeat is older than this.
-    pub heartbeat_timeout: Duration,
-    /// `/app/livez` fails when neither a check passed nor a response completed for this long.
-    pub progress_window: Duration,
-    /// Fail `/readyz` while the queue is full.
-    pub unready_when_saturated: bool,
-}
-
 #[derive(Debug)]
 struct Shared {
-    config: HealthConfig,
+    /// `heartbeat_timeout`, `progress_window` and `unready_when_saturated` are read from here.
+    live: LiveConfig,
     lifecycle: Lifecycle,
     limiter: Limiter,
     metrics: Arc<Metrics>,
@@ -102,14 +93,14 @@ impl Default for Stamp {
 impl HealthState {
     /// Creates the state; the app counts as unhealthy until its first check passes.
     pub fn new(
-        config: HealthConfig,
+        live: LiveConfig,
         lifecycle: Lifecycle,
         limiter: Limiter,
         metrics: Arc<Metrics>,
     ) -> HealthState {
         HealthState {
             shared: Arc::new(Shared {
-                config,
+                live,
                 lifecycle,
                 limiter,
                 metrics,
@@ -137,6 +128,11 @@ impl HealthState {
         &self.shared.lifecycle
     }
 
+    /// The live configuration.
+    pub fn live(&self) -> &LiveConfig {
+        &self.shared.live
+    }
+
     /// The metrics.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.shared.metrics
@@ -144,7 +140,7 @@ impl HealthState {
 
     /// `/livez`: the proxy runtime is responsive.
     pub fn livez(&self) -> Result<(), String> {
-        let timeout = self.shared.config.heartbeat_timeout;
+        let timeout = self.shared.live.load().args.heartbeat_timeout;
         match self.shared.heartbeat.age() {
             Some(age) if age <= timeout => Ok(()),
             Some(age) => Err(format!(
@@ -175,7 +171,7 @@ impl HealthState {
                 "app is failing its health checks".into()
             });
         }
-        if self.shared.config.unready_when_saturated && self.saturated() {
+        if self.shared.live.load().args.unready_when_saturated && self.saturated() {
             return Err("queue is full".into());
         }
         Ok(())
@@ -183,7 +179,7 @@ impl HealthState {
 
     /// `/app/livez`: the app passed a check or completed a response within the window.
     pub fn app_livez(&self) -> Result<(), String> {
-        let window = self.shared.config.progress_window;
+        let window = self.shared.live.load().args.progress_window;
         if self.shared.last_pass.within(window) || self.shared.progress.within(window) {
             return Ok(());
         }

@@ -80,7 +80,9 @@ where
         let mut inner = self.inner.clone();
         let limiter = self.limiter.clone();
         Box::pin(async move {
-            let admission = limiter.acquire(request.uri().path()).await?;
+            let admission = limiter
+                .acquire(request.method(), request.uri().path())
+                .await?;
             inner
                 .ready()
                 .await

@@ -2,27 +2,34 @@
 //!
 //! A request first takes its route's permit, then a global one, both from process-wide
 //! semaphores (tokio's are FIFO). When either is not free at once the request takes a place in
-//! the queue (bounded by `--max-queue`, all routes together) and waits at most
-//! `--queue-timeout`. A request whose client disconnects while queued drops its wait and its
-//! queue place. The [`Admission`] it gets is held until the exchange with the app is over.
+//! the queue (bounded by `--max-queue`, all routes together; a full route may hold at most as
+//! many places as it has slots) and waits at most `--queue-timeout`. A request whose client
+//! disconnects while queued drops its wait and its place. The [`Admission`] it gets is held
+//! until the exchange with the app is over. Limits can change live ([`Limiter::reconfigure`]):
+//! requests holding a slot keep it.
 
+mod gate;
 mod layer;
 mod route;
 
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
+use http::Method;
 use prometheus::{IntCounter, IntGauge};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
+use self::gate::{Gate, UNLIMITED};
 pub use self::layer::{Admitted, Limit, LimitLayer, ResponseFuture};
-pub use self::route::{RouteLimit, RouteTable};
+pub use self::route::{PathMatch, RouteSpec, RouteTable};
 use crate::error::{Overloaded, ShedReason};
 use crate::metrics::Metrics;
 
-/// Label used for requests that match no `--route`.
+/// Label used for requests that match no route.
 pub const DEFAULT_ROUTE: &str = "default";
 
 /// Settings of the [`Limiter`].
@@ -34,8 +41,8 @@ pub struct LimitConfig {
     pub max_queue: usize,
     /// Longest wait in the queue.
     pub queue_timeout: Duration,
-    /// Route bulkheads.
-    pub routes: Vec<RouteLimit>,
+    /// Routes.
+    pub routes: Vec<RouteSpec>,
 }
 
 /// Process-wide admission state, cheap to clone.
@@ -48,32 +55,45 @@ pub struct Limiter {
 #[derive(Debug)]
 pub struct Admission {
     shared: Arc<Shared>,
-    route: Option<usize>,
-    _global: Option<OwnedSemaphorePermit>,
-    _route: Option<OwnedSemaphorePermit>,
+    route: Option<Arc<RouteState>>,
+    global: Option<OwnedSemaphorePermit>,
+    route_permit: Option<OwnedSemaphorePermit>,
 }
 
 #[derive(Debug)]
 struct Shared {
-    global: Option<Arc<Semaphore>>,
-    routes: RouteTable,
-    route_state: Vec<RouteState>,
+    global: Gate,
+    routes: ArcSwap<Routes>,
     default_route: RouteCounters,
-    max_queue: usize,
-    queue_timeout: Duration,
+    max_queue: AtomicUsize,
+    queue_timeout_ms: AtomicU64,
     queued: AtomicUsize,
     draining: AtomicBool,
-    in_flight: IntGauge,
-    queued_gauge: IntGauge,
-    queue_wait: prometheus::Histogram,
+    metrics: Arc<Metrics>,
 }
 
+/// The route set in force; replaced whole on reload.
+#[derive(Debug)]
+struct Routes {
+    specs: Vec<RouteSpec>,
+    table: RouteTable,
+    states: Vec<Arc<RouteState>>,
+}
+
+/// A route as configured now.
 #[derive(Debug)]
 struct RouteState {
-    semaphore: Arc<Semaphore>,
+    spec: RouteSpec,
+    slots: Arc<RouteSlots>,
+}
+
+/// What a route keeps across reloads: its semaphore, its waiters and its series.
+#[derive(Debug)]
+struct RouteSlots {
+    gate: Gate,
     /// Requests waiting for this route's permit, bounded by `max_waiting`.
     waiting: AtomicUsize,
-    max_waiting: usize,
+    max_waiting: AtomicUsize,
     counters: RouteCounters,
 }
 
@@ -85,7 +105,7 @@ struct RouteCounters {
     shed: [IntCounter; ShedReason::ALL.len()],
 }
 
-/// Decrements the queue counters when a queued request is admitted, refused or cancelled.
+/// A place in the shared queue; frees it and updates the gauges when dropped.
 struct QueuePlace<'a> {
     shared: &'a Shared,
     counters: &'a RouteCounters,
@@ -98,126 +118,181 @@ struct RouteWait<'a>(&'a AtomicUsize);
 
 impl Limiter {
     /// Builds the limiter and publishes its limits as gauges.
-    pub fn new(config: &LimitConfig, metrics: &Metrics) -> Limiter {
-        let route_state = config
+    pub fn new(config: &LimitConfig, metrics: &Arc<Metrics>) -> Limiter {
+        let shared = Arc::new(Shared {
+            global: Gate::new(global_size(config)),
+            routes: ArcSwap::from_pointee(Routes {
+                specs: Vec::new(),
+                table: RouteTable::default(),
+                states: Vec::new(),
+            }),
+            default_route: RouteCounters::new(metrics, DEFAULT_ROUTE),
+            max_queue: AtomicUsize::new(config.max_queue),
+            queue_timeout_ms: AtomicU64::new(config.queue_timeout.as_millis() as u64),
+            queued: AtomicUsize::new(0),
+            draining: AtomicBool::new(false),
+            metrics: metrics.clone(),
+        });
+        let limiter = Limiter { shared };
+        limiter.reconfigure(config);
+        limiter
+    }
+
+    /// Applies new limits, queue settings and routes in place. Requests holding a slot keep
+    /// it; a lowered limit holds once enough of them have finished. Routes with the same
+    /// pattern and methods keep their slots and counters.
+    pub fn reconfigure(&self, config: &LimitConfig) {
+        let shared = &self.shared;
+        shared.global.resize(global_size(config));
+        shared.max_queue.store(config.max_queue, Ordering::Release);
+        shared
+            .queue_timeout_ms
+            .store(config.queue_timeout.as_millis() as u64, Ordering::Release);
+        let old = shared.routes.load();
+        let mut by_key: HashMap<String, &Arc<RouteState>> = old
+            .specs
+            .iter()
+            .zip(&old.states)
+            .map(|(spec, state)| (spec.key(), state))
+            .collect();
+        let metrics = &shared.metrics;
+        let states = config
             .routes
             .iter()
-            .map(|r| {
+            .map(|spec| {
+                let size = spec.limit.map_or(UNLIMITED, |n| n as usize);
+                // A full route may queue at most as many requests as it may run, so that it
+                // cannot fill the shared queue and starve the other routes.
+                let max_waiting = spec
+                    .limit
+                    .map_or(config.max_queue, |n| (n as usize).min(config.max_queue));
                 metrics
                     .route_concurrency_limit
-                    .with_label_values(&[&r.prefix])
-                    .set(i64::from(r.limit));
-                RouteState {
-                    semaphore: Arc::new(Semaphore::new(r.limit as usize)),
-                    waiting: AtomicUsize::new(0),
-                    // A full route may queue at most as many requests as it may run, so
-                    // that it cannot fill the shared queue and starve the other routes.
-                    max_waiting: (r.limit as usize).min(config.max_queue),
-                    counters: RouteCounters::new(metrics, &r.prefix),
-                }
+                    .with_label_values(&[&spec.name])
+                    .set(spec.limit.map_or(0, i64::from));
+                let slots = match by_key.remove(&spec.key()) {
+                    Some(state) if state.spec.name == spec.name => {
+                        state.slots.gate.resize(size);
+                        state
+                            .slots
+                            .max_waiting
+                            .store(max_waiting, Ordering::Release);
+                        state.slots.clone()
+                    }
+                    _ => Arc::new(RouteSlots {
+                        gate: Gate::new(size),
+                        waiting: AtomicUsize::new(0),
+                        max_waiting: AtomicUsize::new(max_waiting),
+                        counters: RouteCounters::new(metrics, &spec.name),
+                    }),
+                };
+                Arc::new(RouteState {
+                    spec: spec.clone(),
+                    slots,
+                })
             })
             .collect();
+        shared.routes.store(Arc::new(Routes {
+            table: RouteTable::new(&config.routes),
+            specs: config.routes.clone(),
+            states,
+        }));
         metrics
             .concurrency_limit
             .set(config.max_concurrency.map_or(0, i64::from));
         metrics.queue_limit.set(config.max_queue as i64);
-        Limiter {
-            shared: Arc::new(Shared {
-                global: config
-                    .max_concurrency
-                    .map(|n| Arc::new(Semaphore::new(n as usize))),
-                routes: RouteTable::new(&config.routes),
-                route_state,
-                default_route: RouteCounters::new(metrics, DEFAULT_ROUTE),
-                max_queue: config.max_queue,
-                queue_timeout: config.queue_timeout,
-                queued: AtomicUsize::new(0),
-                draining: AtomicBool::new(false),
-                in_flight: metrics.in_flight.clone(),
-                queued_gauge: metrics.queued.clone(),
-                queue_wait: metrics.queue_wait.clone(),
-            }),
-        }
     }
 
-    /// Admits a request for `path`, waiting in the queue if needed.
+    /// Admits a `method` request for `path`, waiting in the queue if needed.
     ///
     /// Cancel-safe: dropping the future before it resolves leaves the queue and holds nothing.
-    pub async fn acquire(&self, path: &str) -> Result<Admission, Overloaded> {
+    pub async fn acquire(&self, method: &Method, path: &str) -> Result<Admission, Overloaded> {
         let shared = &self.shared;
-        let route = shared.routes.find(path);
-        let counters = shared.counters(route);
+        let route = {
+            let routes = shared.routes.load();
+            routes
+                .table
+                .find(&routes.specs, method, path)
+                .map(|i| routes.states[i].clone())
+        };
+        let counters = route
+            .as_ref()
+            .map_or(&shared.default_route, |r| &r.slots.counters);
+        let retry_after = route.as_ref().and_then(|r| r.spec.retry_after);
+        let refuse = |reason: ShedReason| {
+            counters.shed[reason as usize].inc();
+            Overloaded {
+                reason,
+                retry_after,
+            }
+        };
         if shared.draining.load(Ordering::Relaxed) {
-            return Err(shared.refuse(counters, ShedReason::Draining));
+            return Err(refuse(ShedReason::Draining));
         }
-        let route_sem = route.map(|i| &shared.route_state[i].semaphore);
 
         // Fast path: both permits free, no queueing.
-        let mut route_permit = match route_sem {
-            Some(sem) => sem.clone().try_acquire_owned().ok(),
+        let mut route_permit = match &route {
+            Some(r) => r.slots.gate.semaphore().clone().try_acquire_owned().ok(),
             None => None,
         };
-        let route_ok = route_sem.is_none() || route_permit.is_some();
+        let route_ok = route.is_none() || route_permit.is_some();
         if route_ok {
-            match &shared.global {
-                None => return Ok(shared.admit(route, None, route_permit)),
-                Some(global) => {
-                    if let Ok(permit) = global.clone().try_acquire_owned() {
-                        return Ok(shared.admit(route, Some(permit), route_permit));
-                    }
-                }
+            if let Ok(global) = shared.global.semaphore().clone().try_acquire_owned() {
+                return Ok(shared.admit(route, global, route_permit));
             }
         }
 
         // Slow path: take a queue place or refuse at once.
-        let route_wait = match route {
-            Some(i) if !route_ok => match reserve(
-                &shared.route_state[i].waiting,
-                shared.route_state[i].max_waiting,
-            ) {
-                Some(wait) => Some(RouteWait(wait)),
-                None => return Err(shared.refuse(counters, ShedReason::RouteFull)),
-            },
+        let route_wait = match &route {
+            Some(r) if !route_ok => {
+                let max = r.slots.max_waiting.load(Ordering::Acquire);
+                match reserve(&r.slots.waiting, max) {
+                    Some(waiting) => Some(RouteWait(waiting)),
+                    None => return Err(refuse(ShedReason::RouteFull)),
+                }
+            }
             _ => None,
         };
         let Some(place) = shared.enqueue(counters) else {
             drop(route_permit);
-            let reason = if route_ok {
+            drop(route_wait);
+            return Err(refuse(if route_ok {
                 ShedReason::QueueFull
             } else {
                 ShedReason::RouteFull
-            };
-            return Err(shared.refuse(counters, reason));
+            }));
         };
         let start = Instant::now();
-        let deadline = start + shared.queue_timeout;
+        let timeout = Duration::from_millis(shared.queue_timeout_ms.load(Ordering::Acquire));
         let wait = async {
             if route_permit.is_none()
-                && let Some(sem) = route_sem
+                && let Some(r) = &route
             {
-                route_permit = Some(sem.clone().acquire_owned().await.map_err(|_| ())?);
+                let sem = r.slots.gate.semaphore().clone();
+                route_permit = Some(sem.acquire_owned().await.map_err(|_| ())?);
             }
-            match &shared.global {
-                Some(global) => global
-                    .clone()
-                    .acquire_owned()
-                    .await
-                    .map(Some)
-                    .map_err(|_| ()),
-                None => Ok(None),
-            }
+            shared
+                .global
+                .semaphore()
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|_| ())
         };
-        let waited = tokio::time::timeout_at(deadline, wait).await;
+        let waited = tokio::time::timeout_at(start + timeout, wait).await;
         drop(route_wait);
         drop(place);
         match waited {
-            Ok(Ok(global_permit)) => {
-                shared.queue_wait.observe(start.elapsed().as_secs_f64());
-                Ok(shared.admit(route, global_permit, route_permit))
+            Ok(Ok(global)) => {
+                shared
+                    .metrics
+                    .queue_wait
+                    .observe(start.elapsed().as_secs_f64());
+                Ok(shared.admit(route, global, route_permit))
             }
             // A semaphore is closed only when the drain gives up on queued requests.
-            Ok(Err(())) => Err(shared.refuse(counters, ShedReason::Draining)),
-            Err(_elapsed) => Err(shared.refuse(counters, ShedReason::QueueTimeout)),
+            Ok(Err(())) => Err(refuse(ShedReason::Draining)),
+            Err(_elapsed) => Err(refuse(ShedReason::QueueTimeout)),
         }
     }
 
@@ -230,11 +305,9 @@ impl Limiter {
     /// hits, so that queued clients get an answer rather than a reset).
     pub fn close(&self) {
         self.start_draining();
-        if let Some(global) = &self.shared.global {
-            global.close();
-        }
-        for route in &self.shared.route_state {
-            route.semaphore.close();
+        self.shared.global.close();
+        for route in &self.shared.routes.load().states {
+            route.slots.gate.close();
         }
     }
 
@@ -245,55 +318,61 @@ impl Limiter {
 
     /// The queue bound.
     pub fn max_queue(&self) -> usize {
-        self.shared.max_queue
+        self.shared.max_queue.load(Ordering::Relaxed)
     }
 
     /// Requests holding an admission now.
     pub fn in_flight(&self) -> i64 {
-        self.shared.in_flight.get()
+        self.shared.metrics.in_flight.get()
     }
+}
+
+fn global_size(config: &LimitConfig) -> usize {
+    config.max_concurrency.map_or(UNLIMITED, |n| n as usize)
 }
 
 // === impl Shared ===
 
 impl Shared {
-    fn counters(&self, route: Option<usize>) -> &RouteCounters {
-        match route {
-            Some(i) => &self.route_state[i].counters,
-            None => &self.default_route,
-        }
-    }
-
     fn admit(
         self: &Arc<Self>,
-        route: Option<usize>,
-        global: Option<OwnedSemaphorePermit>,
+        route: Option<Arc<RouteState>>,
+        global: OwnedSemaphorePermit,
         route_permit: Option<OwnedSemaphorePermit>,
     ) -> Admission {
-        self.in_flight.inc();
-        self.counters(route).in_flight.inc();
+        self.metrics.in_flight.inc();
+        route
+            .as_ref()
+            .map_or(&self.default_route, |r| &r.slots.counters)
+            .in_flight
+            .inc();
         Admission {
             shared: self.clone(),
             route,
-            _global: global,
-            _route: route_permit,
+            global: Some(global),
+            route_permit,
         }
     }
 
     fn enqueue<'a>(&'a self, counters: &'a RouteCounters) -> Option<QueuePlace<'a>> {
-        reserve(&self.queued, self.max_queue)?;
-        self.queued_gauge.inc();
+        reserve(&self.queued, self.max_queue.load(Ordering::Acquire))?;
+        self.metrics.queued.inc();
         counters.queued.inc();
         Some(QueuePlace {
             shared: self,
             counters,
         })
     }
+}
 
-    fn refuse(&self, counters: &RouteCounters, reason: ShedReason) -> Overloaded {
-        counters.shed[reason as usize].inc();
-        Overloaded { reason }
-    }
+/// Increments `count` if it is below `max`.
+fn reserve(count: &AtomicUsize, max: usize) -> Option<&AtomicUsize> {
+    count
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < max).then_some(n + 1)
+        })
+        .ok()
+        .map(|_| count)
 }
 
 // === impl RouteCounters ===
@@ -306,16 +385,6 @@ impl RouteCounters {
             shed: ShedReason::ALL.map(|r| metrics.shed.with_label_values(&[r.as_str(), route])),
         }
     }
-}
-
-/// Increments `count` if it is below `max`.
-fn reserve(count: &AtomicUsize, max: usize) -> Option<&AtomicUsize> {
-    count
-        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-            (n < max).then_some(n + 1)
-        })
-        .ok()
-        .map(|_| count)
 }
 
 // === impl RouteWait ===
@@ -331,17 +400,36 @@ impl Drop for RouteWait<'_> {
 impl Drop for QueuePlace<'_> {
     fn drop(&mut self) {
         self.shared.queued.fetch_sub(1, Ordering::AcqRel);
-        self.shared.queued_gauge.dec();
+        self.shared.metrics.queued.dec();
         self.counters.queued.dec();
     }
 }
 
 // === impl Admission ===
 
+impl Admission {
+    /// The upstream timeout of the request's route, if it sets one.
+    pub fn route_timeout(&self) -> Option<Duration> {
+        self.route.as_ref().and_then(|r| r.spec.timeout)
+    }
+}
+
 impl Drop for Admission {
     fn drop(&mut self) {
-        self.shared.in_flight.dec();
-        self.shared.counters(self.route).in_flight.dec();
+        let shared = &self.shared;
+        shared.metrics.in_flight.dec();
+        if let Some(permit) = self.global.take() {
+            shared.global.release(permit);
+        }
+        match &self.route {
+            Some(route) => {
+                route.slots.counters.in_flight.dec();
+                if let Some(permit) = self.route_permit.take() {
+                    route.slots.gate.release(permit);
+                }
+            }
+            None => shared.default_route.in_flight.dec(),
+        }
     }
 }
 
@@ -349,29 +437,43 @@ impl Drop for Admission {
 mod tests {
     use super::*;
 
-    fn limiter(n: u32, q: usize, routes: &[&str]) -> (Limiter, Arc<Metrics>) {
-        let metrics = Arc::new(Metrics::new().unwrap());
-        let cfg = LimitConfig {
+    fn config(n: u32, q: usize, routes: &[&str]) -> LimitConfig {
+        LimitConfig {
             max_concurrency: Some(n),
             max_queue: q,
             queue_timeout: Duration::from_secs(1),
             routes: routes
                 .iter()
-                .map(|r| RouteLimit::parse(r).unwrap())
+                .map(|r| RouteSpec::parse_flag(r).unwrap())
                 .collect(),
-        };
-        (Limiter::new(&cfg, &metrics), metrics)
+        }
+    }
+
+    fn limiter(n: u32, q: usize, routes: &[&str]) -> (Limiter, Arc<Metrics>) {
+        let metrics = Arc::new(Metrics::new().unwrap());
+        (Limiter::new(&config(n, q, routes), &metrics), metrics)
+    }
+
+    async fn get(limiter: &Limiter, path: &str) -> Result<Admission, Overloaded> {
+        limiter.acquire(&Method::GET, path).await
+    }
+
+    fn spawn_get(
+        limiter: &Limiter,
+        path: &'static str,
+    ) -> tokio::task::JoinHandle<Result<Admission, Overloaded>> {
+        let l = limiter.clone();
+        tokio::spawn(async move { l.acquire(&Method::GET, path).await })
     }
 
     #[tokio::test(start_paused = true)]
     async fn admits_up_to_the_limit_then_queues_then_refuses() {
         let (limiter, metrics) = limiter(1, 1, &[]);
-        let first = limiter.acquire("/").await.unwrap();
-        let l2 = limiter.clone();
-        let queued = tokio::spawn(async move { l2.acquire("/").await });
+        let first = get(&limiter, "/").await.unwrap();
+        let queued = spawn_get(&limiter, "/");
         tokio::task::yield_now().await;
         assert_eq!(limiter.queued(), 1);
-        let refused = limiter.acquire("/").await.unwrap_err();
+        let refused = get(&limiter, "/").await.unwrap_err();
         assert_eq!(refused.reason, ShedReason::QueueFull);
         drop(first);
         let second = queued.await.unwrap().unwrap();
@@ -384,8 +486,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn queue_timeout_refuses() {
         let (limiter, metrics) = limiter(1, 1, &[]);
-        let _held = limiter.acquire("/").await.unwrap();
-        let err = limiter.acquire("/").await.unwrap_err();
+        let _held = get(&limiter, "/").await.unwrap();
+        let err = get(&limiter, "/").await.unwrap_err();
         assert_eq!(err.reason, ShedReason::QueueTimeout);
         assert_eq!(metrics.queued.get(), 0);
         assert_eq!(
@@ -400,35 +502,30 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn full_route_does_not_block_other_routes() {
         let (limiter, _m) = limiter(3, 0, &["/slow=1"]);
-        let _slow = limiter.acquire("/slow/a").await.unwrap();
-        let err = limiter.acquire("/slow").await.unwrap_err();
+        let _slow = get(&limiter, "/slow/a").await.unwrap();
+        let err = get(&limiter, "/slow").await.unwrap_err();
         assert_eq!(err.reason, ShedReason::RouteFull);
-        let _fast1 = limiter.acquire("/fast").await.unwrap();
-        let _fast2 = limiter.acquire("/slowly").await.unwrap();
+        let _fast1 = get(&limiter, "/fast").await.unwrap();
+        let _fast2 = get(&limiter, "/slowly").await.unwrap();
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_full_route_queues_at_most_its_limit() {
         let (limiter, _m) = limiter(4, 8, &["/slow=2"]);
-        let _a = limiter.acquire("/slow").await.unwrap();
-        let _b = limiter.acquire("/slow").await.unwrap();
-        let mut waiters = Vec::new();
-        for _ in 0..2 {
-            let l = limiter.clone();
-            waiters.push(tokio::spawn(async move { l.acquire("/slow").await }));
-        }
+        let _a = get(&limiter, "/slow").await.unwrap();
+        let _b = get(&limiter, "/slow").await.unwrap();
+        let waiters: Vec<_> = (0..2).map(|_| spawn_get(&limiter, "/slow")).collect();
         tokio::task::yield_now().await;
         assert_eq!(limiter.queued(), 2);
-        let err = limiter.acquire("/slow").await.unwrap_err();
+        let err = get(&limiter, "/slow").await.unwrap_err();
         assert_eq!(err.reason, ShedReason::RouteFull);
         // Other routes still find room in the shared queue and free global slots.
-        let _c = limiter.acquire("/fast").await.unwrap();
-        let _d = limiter.acquire("/fast").await.unwrap();
-        let l = limiter.clone();
-        let fast_waiter = tokio::spawn(async move { l.acquire("/fast").await });
+        let c = get(&limiter, "/fast").await.unwrap();
+        let _d = get(&limiter, "/fast").await.unwrap();
+        let fast_waiter = spawn_get(&limiter, "/fast");
         tokio::task::yield_now().await;
         assert_eq!(limiter.queued(), 3);
-        drop(_c);
+        drop(c);
         assert!(fast_waiter.await.unwrap().is_ok());
         for w in waiters {
             w.abort();
@@ -438,9 +535,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn cancelled_wait_frees_its_queue_place() {
         let (limiter, metrics) = limiter(1, 1, &[]);
-        let held = limiter.acquire("/").await.unwrap();
-        let l2 = limiter.clone();
-        let waiter = tokio::spawn(async move { l2.acquire("/").await });
+        let held = get(&limiter, "/").await.unwrap();
+        let waiter = spawn_get(&limiter, "/");
         tokio::task::yield_now().await;
         assert_eq!(metrics.queued.get(), 1);
         waiter.abort();
@@ -449,15 +545,14 @@ mod tests {
         assert_eq!(limiter.queued(), 0);
         drop(held);
         // The cancelled waiter did not take the freed slot.
-        let _again = limiter.acquire("/").await.unwrap();
+        let _again = get(&limiter, "/").await.unwrap();
     }
 
     #[tokio::test(start_paused = true)]
     async fn close_refuses_queued_requests() {
         let (limiter, metrics) = limiter(1, 1, &["/r=1"]);
-        let _held = limiter.acquire("/").await.unwrap();
-        let l2 = limiter.clone();
-        let queued = tokio::spawn(async move { l2.acquire("/r").await });
+        let _held = get(&limiter, "/").await.unwrap();
+        let queued = spawn_get(&limiter, "/r");
         tokio::task::yield_now().await;
         limiter.close();
         let err = queued.await.unwrap().unwrap_err();
@@ -470,8 +565,53 @@ mod tests {
         let (limiter, _m) = limiter(1, 1, &[]);
         limiter.start_draining();
         assert_eq!(
-            limiter.acquire("/").await.unwrap_err().reason,
+            get(&limiter, "/").await.unwrap_err().reason,
             ShedReason::Draining
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn lowering_the_limit_keeps_held_slots_and_applies_as_they_free() {
+        let (limiter, metrics) = limiter(3, 0, &["/slow=2"]);
+        let held: Vec<_> = futures_util::future::join_all((0..3).map(|_| get(&limiter, "/"))).await;
+        limiter.reconfigure(&config(1, 0, &["/slow=1"]));
+        assert_eq!(metrics.concurrency_limit.get(), 1);
+        assert_eq!(metrics.in_flight.get(), 3, "held slots are kept");
+        let mut held: Vec<_> = held.into_iter().map(Result::unwrap).collect();
+        held.pop();
+        held.pop();
+        // Two freed, but the limit is 1 and one is still held.
+        assert_eq!(
+            get(&limiter, "/").await.unwrap_err().reason,
+            ShedReason::QueueFull
+        );
+        held.pop();
+        let _one = get(&limiter, "/").await.unwrap();
+        assert_eq!(
+            get(&limiter, "/").await.unwrap_err().reason,
+            ShedReason::QueueFull
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn raising_the_limit_and_routes_apply_at_once() {
+        let (limiter, metrics) = limiter(1, 0, &["/slow=1"]);
+        let _a = get(&limiter, "/slow").await.unwrap();
+        limiter.reconfigure(&config(3, 0, &["/slow=2", "/new=1"]));
+        let _b = get(&limiter, "/slow").await.unwrap();
+        assert_eq!(
+            get(&limiter, "/slow").await.unwrap_err().reason,
+            ShedReason::RouteFull
+        );
+        let _c = get(&limiter, "/new").await.unwrap();
+        assert_eq!(
+            get(&limiter, "/new").await.unwrap_err().reason,
+            ShedReason::RouteFull
+        );
+        assert_eq!(
+            metrics.route_in_flight.with_label_values(&["/slow"]).get(),
+            2,
+            "the route kept its series across the reload"
         );
     }
 }

@@ -20,7 +20,7 @@ use tokio_util::task::TaskTracker;
 use tower::Service;
 
 use crate::body::{ExchangeGuard, ResponseBody, UpstreamBody};
-use crate::config::{ClientAbort, Upstream};
+use crate::config::{ClientAbort, LiveConfig, Upstream};
 use crate::connect::Connector;
 use crate::error::{
     BoxError, UpstreamConnect, UpstreamConnectTimeout, UpstreamReset, UpstreamTimeout, is_caused_by,
@@ -28,23 +28,6 @@ use crate::error::{
 use crate::health::Progress;
 use crate::limit::Admitted;
 use crate::metrics::Metrics;
-
-/// Settings of the [`Proxy`].
-#[derive(Clone, Debug)]
-pub struct ProxyConfig {
-    /// The app.
-    pub upstream: Upstream,
-    /// Speak h2c to the app.
-    pub http2: bool,
-    /// Connect timeout.
-    pub connect_timeout: Duration,
-    /// Time allowed for the response head.
-    pub response_timeout: Option<Duration>,
-    /// Client-abort behaviour.
-    pub on_client_abort: ClientAbort,
-    /// Add `Via`.
-    pub via: bool,
-}
 
 /// Forwards admitted requests to the app. Cloned per connection with the client's address.
 #[derive(Clone, Debug)]
@@ -57,14 +40,19 @@ pub struct Proxy {
 pub type ResponseFuture =
     Pin<Box<dyn Future<Output = Result<Response<ResponseBody>, BoxError>> + Send>>;
 
+/// Per-request settings read from the live config when the request is admitted.
+#[derive(Debug, Copy, Clone)]
+struct Settings {
+    timeout: Option<Duration>,
+    via: bool,
+}
+
 #[derive(Debug)]
 struct Shared {
     client: Client<Connector, Incoming>,
     authority: Authority,
     version: Version,
-    response_timeout: Option<Duration>,
-    on_client_abort: ClientAbort,
-    via: bool,
+    live: LiveConfig,
     progress: Progress,
     metrics: Arc<Metrics>,
     tunnels: TaskTracker,
@@ -73,22 +61,25 @@ struct Shared {
 // === impl Proxy ===
 
 impl Proxy {
-    /// Builds the pooled client for `config`. `tunnels` tracks upgraded connections so the
-    /// drain can wait for them.
+    /// Builds the pooled client for the app in `live` (the upstream and its protocol are
+    /// fixed at start; timeouts and the rest are read per request). `tunnels` tracks upgraded
+    /// connections so the drain can wait for them.
     pub fn new(
-        config: &ProxyConfig,
+        live: LiveConfig,
         progress: Progress,
         metrics: Arc<Metrics>,
         tunnels: TaskTracker,
     ) -> Proxy {
-        let connector = Connector::new(config.upstream.clone(), config.connect_timeout);
+        let config = live.load();
+        let http2 = config.args.upstream_http2;
+        let connector = Connector::new(config.args.upstream.clone(), live.clone());
         let mut builder = Client::builder(TokioExecutor::new());
         builder
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(30))
             .set_host(false)
-            .http2_only(config.http2);
-        let authority = match &config.upstream {
+            .http2_only(http2);
+        let authority = match &config.args.upstream {
             Upstream::Tcp { authority } => authority.clone(),
             Upstream::Unix { .. } => Authority::from_static("localhost"),
         };
@@ -96,14 +87,12 @@ impl Proxy {
             shared: Arc::new(Shared {
                 client: builder.build(connector),
                 authority,
-                version: if config.http2 {
+                version: if http2 {
                     Version::HTTP_2
                 } else {
                     Version::HTTP_11
                 },
-                response_timeout: config.response_timeout,
-                on_client_abort: config.on_client_abort,
-                via: config.via,
+                live,
                 progress,
                 metrics,
                 tunnels,
@@ -133,9 +122,17 @@ impl Service<Admitted<Request<Incoming>>> for Proxy {
     fn call(&mut self, admitted: Admitted<Request<Incoming>>) -> ResponseFuture {
         let Admitted { request, admission } = admitted;
         let shared = self.shared.clone();
-        let guard = ExchangeGuard::new(admission, shared.progress.clone(), shared.on_client_abort);
-        let exchange = shared.clone().exchange(request, self.client_addr, guard);
-        match shared.on_client_abort {
+        let config = shared.live.load();
+        let settings = Settings {
+            timeout: admission.route_timeout().or(config.args.upstream_timeout),
+            via: config.args.via,
+        };
+        let on_abort = config.args.on_client_abort;
+        let guard = ExchangeGuard::new(admission, shared.progress.clone(), on_abort);
+        let exchange = shared
+            .clone()
+            .exchange(request, self.client_addr, guard, settings);
+        match on_abort {
             ClientAbort::Cancel => Box::pin(exchange),
             // The exchange runs in its own task, so a client that leaves does not cancel it:
             // the app keeps working, and the slot stays held until it is done.
@@ -160,13 +157,15 @@ impl Shared {
         mut request: Request<Incoming>,
         client_addr: Option<SocketAddr>,
         guard: ExchangeGuard,
+        settings: Settings,
     ) -> Result<Response<ResponseBody>, BoxError> {
         let upgrade =
             headers::wants_upgrade(request.headers()).then(|| hyper::upgrade::on(&mut request));
-        let upstream_request = self.upstream_request(request, client_addr, upgrade.is_some())?;
+        let upstream_request =
+            self.upstream_request(request, client_addr, upgrade.is_some(), settings.via)?;
 
         let send = self.client.request(upstream_request);
-        let result = match self.response_timeout {
+        let result = match settings.timeout {
             Some(limit) => match tokio::time::timeout(limit, send).await {
                 Ok(result) => result,
                 Err(_elapsed) => {
@@ -195,7 +194,7 @@ impl Shared {
 
         let (mut parts, body) = response.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers, false);
-        if self.via {
+        if settings.via {
             headers::add_via(&mut parts.headers);
         }
         Ok(Response::from_parts(
@@ -209,6 +208,7 @@ impl Shared {
         request: Request<Incoming>,
         client_addr: Option<SocketAddr>,
         upgrade: bool,
+        via: bool,
     ) -> Result<Request<Incoming>, BoxError> {
         let (mut parts, body) = request.into_parts();
         let authority = parts.uri.authority().map(|a| a.as_str().to_owned());
@@ -229,7 +229,7 @@ impl Shared {
             client_addr.map(|a| a.ip()),
             authority.as_deref(),
         );
-        if self.via {
+        if via {
             headers::add_via(&mut parts.headers);
         }
         Ok(Request::from_parts(parts, body))

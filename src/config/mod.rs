@@ -1,16 +1,25 @@
-//! Command-line flags, their `TIDEGATE_*` environment variables, and the validated [`Config`].
+//! Command-line flags, their `TIDEGATE_*` environment variables, the optional TOML file, and
+//! the validated [`Config`].
 //!
-//! Every flag can also be set through the environment variable named after it
-//! (`--max-concurrency` is `TIDEGATE_MAX_CONCURRENCY`); a flag on the command line wins.
-//! Values are validated once, before any socket is bound.
+//! Precedence: flags > environment > `--config` file > defaults. Every flag can be set through
+//! the environment variable named after it (`--max-concurrency` is `TIDEGATE_MAX_CONCURRENCY`)
+//! and through the file key with underscores (`max_concurrency = 50`). Values are validated
+//! once, before any socket is bound, and again on every reload.
 
+mod file;
+
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use arc_swap::ArcSwap;
+use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
+use serde::Deserialize;
 
-use crate::limit::RouteLimit;
+pub use self::file::FileError;
+use crate::limit::{LimitConfig, RouteSpec};
 
 /// Parsed command line of the `tidegate` binary.
 #[derive(Debug, Clone, Parser)]
@@ -23,6 +32,10 @@ use crate::limit::RouteLimit;
                   Supervisor mode: tidegate [FLAGS] -- CMD [ARGS...] runs the app as a child process."
 )]
 pub struct Args {
+    /// TOML file with any of these settings (keys are flag names with underscores) and routes
+    #[arg(long, env = "TIDEGATE_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
     /// Address the proxy listens on for app traffic
     #[arg(
         long,
@@ -104,7 +117,7 @@ pub struct Args {
 
     /// Route bulkhead PREFIX=K: requests under PREFIX hold at most K slots (repeatable)
     #[arg(long = "route", env = "TIDEGATE_ROUTE", value_name = "PREFIX=K", value_delimiter = ',', value_parser = parse_route)]
-    pub routes: Vec<RouteLimit>,
+    pub routes: Vec<RouteSpec>,
 
     /// Base Retry-After sent with 503 refusals
     #[arg(long, env = "TIDEGATE_RETRY_AFTER", default_value = "1s", value_name = "DURATION", value_parser = parse_duration)]
@@ -179,7 +192,8 @@ pub enum Upstream {
 }
 
 /// What to do with the app's exchange when the client goes away mid-request.
-#[derive(Debug, Copy, Clone, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Copy, Clone, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum ClientAbort {
     /// Let the app finish and discard its response; the slot stays held until it does.
     Finish,
@@ -188,7 +202,8 @@ pub enum ClientAbort {
 }
 
 /// Log output format.
-#[derive(Debug, Copy, Clone, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Copy, Clone, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     /// Human-readable lines.
     Text,
@@ -221,34 +236,61 @@ pub enum ConfigError {
     /// A duration that must be positive is zero.
     #[error("--{0}: must be greater than zero")]
     ZeroDuration(&'static str),
+    /// The command line itself is invalid.
+    #[error("{0}")]
+    Flags(String),
+    /// The config file is unreadable or invalid.
+    #[error(transparent)]
+    File(#[from] FileError),
 }
 
 /// The validated configuration the server runs with.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// The flags as given.
+    /// Effective settings: flags, environment, file and defaults merged.
     pub args: Args,
+    /// Flags and environment variables over defaults, before the file: the base of a reload.
+    base: Args,
+    /// Ids of the settings given by flag or environment variable (the file cannot override).
+    explicit: BTreeSet<String>,
+    /// Hash of the config file's contents, if there is one.
+    file_hash: Option<u64>,
 }
+
+/// The configuration in force, swapped whole on reload; readers take a snapshot per use.
+#[derive(Clone, Debug)]
+pub struct LiveConfig(Arc<ArcSwap<Config>>);
+
+/// Settings that cannot change without a restart.
+const STATIC_SETTINGS: &[&str] = &[
+    "listen",
+    "admin_listen",
+    "upstream",
+    "threads",
+    "upstream_http2",
+    "log_format",
+    "log",
+];
 
 // === impl Args ===
 
 impl Args {
-    /// Validates cross-field rules and returns the runnable [`Config`].
-    pub fn validate(self) -> Result<Config, ConfigError> {
+    /// Validates cross-field rules.
+    pub fn validate(&self) -> Result<(), ConfigError> {
         if self.max_queue.is_some() && self.max_concurrency.is_none() && self.routes.is_empty() {
             return Err(ConfigError::QueueWithoutLimit);
         }
         let mut seen = std::collections::HashSet::new();
         for route in &self.routes {
-            if !seen.insert(route.prefix.clone()) {
-                return Err(ConfigError::DuplicateRoute(route.prefix.clone()));
+            if !seen.insert(route.key()) {
+                return Err(ConfigError::DuplicateRoute(route.name.clone()));
             }
-            if let Some(global) = self.max_concurrency
-                && route.limit > global
+            if let (Some(global), Some(limit)) = (self.max_concurrency, route.limit)
+                && limit > global
             {
                 return Err(ConfigError::RouteAboveGlobal {
-                    prefix: route.prefix.clone(),
-                    limit: route.limit,
+                    prefix: route.name.clone(),
+                    limit,
                     global,
                 });
             }
@@ -273,28 +315,138 @@ impl Args {
         if self.upstream_timeout.is_some_and(|d| d.is_zero()) {
             return Err(ConfigError::ZeroDuration("upstream-timeout"));
         }
-        Ok(Config { args: self })
+        Ok(())
     }
 }
 
 // === impl Config ===
 
 impl Config {
-    /// Parses flags from an iterator (the first item is the program name) and validates them.
-    pub fn try_from_iter<I, T>(iter: I) -> Result<Config, Box<dyn std::error::Error + Send + Sync>>
+    /// Parses flags (the first item is the program name) and environment variables, reads
+    /// the `--config` file if any, and validates the result.
+    pub fn try_from_iter<I, T>(iter: I) -> Result<Config, ConfigError>
     where
         I: IntoIterator<Item = T>,
         T: Into<std::ffi::OsString> + Clone,
     {
-        Ok(Args::try_parse_from(iter)?.validate()?)
+        Config::from_matches(
+            Args::command()
+                .try_get_matches_from(iter)
+                .map_err(|e| ConfigError::Flags(first_line(&e)))?,
+        )
     }
 
-    /// Effective queue bound: `--max-queue`, else the global limit, else unbounded-by-queue (0).
+    /// Like [`Config::try_from_iter`] for the process's own arguments; `--help` and
+    /// `--version` print and exit here.
+    pub fn from_env_args() -> Result<Config, ConfigError> {
+        match Args::command().try_get_matches() {
+            Ok(matches) => Config::from_matches(matches),
+            Err(e) if !e.use_stderr() => e.exit(),
+            Err(e) => Err(ConfigError::Flags(first_line(&e))),
+        }
+    }
+
+    fn from_matches(matches: clap::ArgMatches) -> Result<Config, ConfigError> {
+        let base =
+            Args::from_arg_matches(&matches).map_err(|e| ConfigError::Flags(first_line(&e)))?;
+        let explicit = Args::command()
+            .get_arguments()
+            .map(|a| a.get_id().as_str())
+            .filter(|id| {
+                matches!(
+                    matches.value_source(id),
+                    Some(
+                        clap::parser::ValueSource::CommandLine
+                            | clap::parser::ValueSource::EnvVariable
+                    )
+                )
+            })
+            .map(str::to_owned)
+            .collect();
+        Config::build(base, explicit)
+    }
+
+    fn build(base: Args, explicit: BTreeSet<String>) -> Result<Config, ConfigError> {
+        let mut args = base.clone();
+        let mut file_hash = None;
+        if let Some(path) = &base.config {
+            let (file, hash) = file::load(path)?;
+            file.apply(&mut args, &explicit);
+            file_hash = Some(hash);
+        }
+        args.validate()?;
+        Ok(Config {
+            args,
+            base,
+            explicit,
+            file_hash,
+        })
+    }
+
+    /// Reads the config file again and merges it under the same flags and environment.
+    /// Settings that cannot change live keep their current values (returned by name).
+    pub fn reload(&self) -> Result<(Config, Vec<&'static str>), ConfigError> {
+        let mut next = Config::build(self.base.clone(), self.explicit.clone())?;
+        let mut kept = Vec::new();
+        for &name in STATIC_SETTINGS {
+            if self.static_value(name) != next.static_value(name) {
+                kept.push(name);
+            }
+        }
+        let a = &mut next.args;
+        let b = &self.args;
+        a.listen = b.listen;
+        a.admin_listen = b.admin_listen;
+        a.upstream = b.upstream.clone();
+        a.threads = b.threads;
+        a.upstream_http2 = b.upstream_http2;
+        a.log_format = b.log_format;
+        a.log = b.log.clone();
+        Ok((next, kept))
+    }
+
+    fn static_value(&self, name: &str) -> String {
+        let a = &self.args;
+        match name {
+            "listen" => a.listen.to_string(),
+            "admin_listen" => a.admin_listen.to_string(),
+            "upstream" => format!("{:?}", a.upstream),
+            "threads" => format!("{:?}", a.threads),
+            "upstream_http2" => a.upstream_http2.to_string(),
+            "log_format" => format!("{:?}", a.log_format),
+            "log" => a.log.clone(),
+            _ => String::new(),
+        }
+    }
+
+    /// Hash of the config file's contents, if one was read.
+    pub fn file_hash(&self) -> Option<u64> {
+        self.file_hash
+    }
+
+    /// The limiter's settings.
+    pub fn limit_config(&self) -> LimitConfig {
+        LimitConfig {
+            max_concurrency: self.args.max_concurrency,
+            max_queue: self.max_queue(),
+            queue_timeout: self.args.queue_timeout,
+            routes: self.args.routes.clone(),
+        }
+    }
+
+    /// Effective queue bound: `--max-queue`, else the global limit, else the sum of the route
+    /// limits.
     pub fn max_queue(&self) -> usize {
         match (self.args.max_queue, self.args.max_concurrency) {
             (Some(q), _) => q as usize,
             (None, Some(n)) => n as usize,
-            (None, None) => self.args.routes.iter().map(|r| r.limit as usize).sum(),
+            (None, None) => self
+                .args
+                .routes
+                .iter()
+                .filter_map(|r| r.limit)
+                .map(|n| n as usize)
+                .sum(),
         }
     }
 
@@ -313,11 +465,37 @@ impl Config {
     }
 }
 
-fn parse_duration(value: &str) -> Result<Duration, String> {
+/// clap's first error line, without its `error: ` prefix and usage block.
+fn first_line(error: &clap::Error) -> String {
+    let rendered = error.render().to_string();
+    let line = rendered.lines().next().unwrap_or("invalid arguments");
+    line.strip_prefix("error: ").unwrap_or(line).to_owned()
+}
+
+// === impl LiveConfig ===
+
+impl LiveConfig {
+    /// Shares `config` as the one in force.
+    pub fn new(config: Config) -> LiveConfig {
+        LiveConfig(Arc::new(ArcSwap::from_pointee(config)))
+    }
+
+    /// A snapshot of the configuration in force.
+    pub fn load(&self) -> Arc<Config> {
+        self.0.load_full()
+    }
+
+    /// Puts `config` in force.
+    pub fn store(&self, config: Config) {
+        self.0.store(Arc::new(config));
+    }
+}
+
+pub(crate) fn parse_duration(value: &str) -> Result<Duration, String> {
     humantime::parse_duration(value).map_err(|e| format!("{e} (expected e.g. 500ms, 15s, 2m)"))
 }
 
-fn parse_upstream(value: &str) -> Result<Upstream, String> {
+pub(crate) fn parse_upstream(value: &str) -> Result<Upstream, String> {
     if let Some(path) = value.strip_prefix("unix:") {
         let path = path.strip_prefix("//").unwrap_or(path);
         if path.is_empty() {
@@ -347,8 +525,8 @@ fn parse_upstream(value: &str) -> Result<Upstream, String> {
     Ok(Upstream::Tcp { authority })
 }
 
-fn parse_route(value: &str) -> Result<RouteLimit, String> {
-    RouteLimit::parse(value)
+fn parse_route(value: &str) -> Result<RouteSpec, String> {
+    RouteSpec::parse_flag(value)
 }
 
 #[cfg(test)]

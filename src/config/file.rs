@@ -1,0 +1,360 @@
+//! The `--config` TOML file: every flag under its name with underscores, plus `[[route]]`
+//! tables. Unknown keys are errors; every error names the file, the line and the key.
+
+use std::collections::BTreeSet;
+use std::hash::{Hash, Hasher};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::Method;
+use serde::{Deserialize, Deserializer};
+
+use super::{Args, ClientAbort, LogFormat, Upstream, parse_upstream};
+use crate::limit::{PathMatch, RouteSpec};
+
+/// A config file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    /// The file cannot be read.
+    #[error("{path}: cannot read the config file")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid for tidegate.
+    #[error("{path}:{line}: {field}: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line of the problem.
+        line: usize,
+        /// The key at fault (`route[1].glob` for a route's).
+        field: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// The file's contents. Field names are the flags' names with underscores.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileConfig {
+    listen: Option<SocketAddr>,
+    #[serde(default, deserialize_with = "upstream")]
+    upstream: Option<Upstream>,
+    admin_listen: Option<SocketAddr>,
+    threads: Option<u16>,
+    upstream_http2: Option<bool>,
+    #[serde(default, with = "humantime_serde")]
+    connect_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    upstream_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    header_read_timeout: Option<Duration>,
+    on_client_abort: Option<ClientAbort>,
+    via: Option<bool>,
+    log_format: Option<LogFormat>,
+    log: Option<String>,
+    access_log: Option<bool>,
+    max_concurrency: Option<u32>,
+    max_queue: Option<u32>,
+    #[serde(default, with = "humantime_serde")]
+    queue_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    retry_after: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    retry_after_jitter: Option<Duration>,
+    app_health_path: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    app_health_interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    app_health_timeout: Option<Duration>,
+    app_health_failure_threshold: Option<u32>,
+    app_health_success_threshold: Option<u32>,
+    #[serde(default, with = "humantime_serde")]
+    progress_window: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    heartbeat_timeout: Option<Duration>,
+    unready_when_saturated: Option<bool>,
+    #[serde(default, with = "humantime_serde")]
+    shutdown_delay: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    drain_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    child_stop_timeout: Option<Duration>,
+    #[serde(default)]
+    route: Vec<toml::Spanned<FileRoute>>,
+    #[serde(skip)]
+    routes: Vec<RouteSpec>,
+}
+
+/// One `[[route]]` table.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileRoute {
+    /// Label in metrics.
+    name: Option<String>,
+    /// Segment-wise path prefix.
+    prefix: Option<String>,
+    /// Exact path.
+    path: Option<String>,
+    /// Glob: `*` within a segment, `**` across.
+    glob: Option<String>,
+    /// Methods the route applies to.
+    methods: Option<Vec<String>>,
+    /// Slots the route may hold.
+    max_concurrency: Option<u32>,
+    /// Upstream response timeout.
+    #[serde(default, with = "humantime_serde")]
+    timeout: Option<Duration>,
+    /// `Retry-After` base for this route's refusals.
+    #[serde(default, with = "humantime_serde")]
+    retry_after: Option<Duration>,
+}
+
+/// Reads and parses `path`; returns the settings and a hash of the contents.
+pub(super) fn load(path: &Path) -> Result<(FileConfig, u64), FileError> {
+    let text = std::fs::read_to_string(path).map_err(|source| FileError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    text.hash(&mut hasher);
+    let mut file: FileConfig = toml::from_str(&text).map_err(|e| invalid(path, &text, &e))?;
+    file.routes = file
+        .route
+        .iter()
+        .enumerate()
+        .map(|(i, spanned)| {
+            spanned
+                .get_ref()
+                .to_spec()
+                .map_err(|(key, message)| FileError::Invalid {
+                    path: path.to_owned(),
+                    line: line_of(&text, spanned.span().start),
+                    field: format!("route[{i}].{key}"),
+                    message,
+                })
+        })
+        .collect::<Result<_, _>>()?;
+    Ok((file, hasher.finish()))
+}
+
+fn invalid(path: &Path, text: &str, error: &toml::de::Error) -> FileError {
+    let offset = error.span().map_or(0, |s| s.start);
+    let line = line_of(text, offset);
+    let message = error.message().trim().to_owned();
+    // serde names the key for unknown fields; otherwise it is the key on the failing line.
+    let field = text
+        .lines()
+        .nth(line.saturating_sub(1))
+        .and_then(|l| l.split_once('='))
+        .map(|(key, _)| key.trim().to_owned())
+        .unwrap_or_else(|| "(file)".to_owned());
+    FileError::Invalid {
+        path: path.to_owned(),
+        line,
+        field,
+        message,
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+fn upstream<'de, D: Deserializer<'de>>(de: D) -> Result<Option<Upstream>, D::Error> {
+    let value = String::deserialize(de)?;
+    parse_upstream(&value)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
+}
+
+// === impl FileConfig ===
+
+impl FileConfig {
+    /// Fills `args` with the file's values, except those given by flag or environment.
+    pub(super) fn apply(self, args: &mut Args, explicit: &BTreeSet<String>) {
+        macro_rules! set {
+            ($($field:ident),* $(,)?) => {$(
+                if let Some(value) = self.$field {
+                    if !explicit.contains(stringify!($field)) {
+                        args.$field = value;
+                    }
+                }
+            )*};
+        }
+        macro_rules! set_some {
+            ($($field:ident),* $(,)?) => {$(
+                if let Some(value) = self.$field {
+                    if !explicit.contains(stringify!($field)) {
+                        args.$field = Some(value);
+                    }
+                }
+            )*};
+        }
+        set!(
+            listen,
+            upstream,
+            admin_listen,
+            upstream_http2,
+            connect_timeout,
+            header_read_timeout,
+            on_client_abort,
+            via,
+            log_format,
+            log,
+            access_log,
+            queue_timeout,
+            retry_after,
+            retry_after_jitter,
+            app_health_interval,
+            app_health_timeout,
+            app_health_failure_threshold,
+            app_health_success_threshold,
+            progress_window,
+            heartbeat_timeout,
+            unready_when_saturated,
+            shutdown_delay,
+            drain_timeout,
+            child_stop_timeout,
+        );
+        set_some!(
+            threads,
+            upstream_timeout,
+            max_concurrency,
+            max_queue,
+            app_health_path
+        );
+        // Routes from flags replace the file's routes as a whole.
+        if !explicit.contains("routes") && !self.route.is_empty() {
+            args.routes = self.routes;
+        }
+    }
+}
+
+// === impl FileRoute ===
+
+impl FileRoute {
+    /// The route, or the key at fault and why.
+    fn to_spec(&self) -> Result<RouteSpec, (&'static str, String)> {
+        let path = match (&self.prefix, &self.path, &self.glob) {
+            (Some(p), None, None) => PathMatch::prefix(p).map_err(|e| ("prefix", e))?,
+            (None, Some(p), None) => PathMatch::exact(p).map_err(|e| ("path", e))?,
+            (None, None, Some(g)) => PathMatch::glob(g).map_err(|e| ("glob", e))?,
+            _ => return Err(("prefix", "give exactly one of prefix, path or glob".into())),
+        };
+        let methods = match &self.methods {
+            None => None,
+            Some(list) if list.is_empty() => {
+                return Err((
+                    "methods",
+                    "an empty list matches nothing; omit it for all".into(),
+                ));
+            }
+            Some(list) => Some(
+                list.iter()
+                    .map(|m| {
+                        Method::from_bytes(m.to_ascii_uppercase().as_bytes())
+                            .map_err(|_| ("methods", format!("{m:?} is not an HTTP method")))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?,
+            ),
+        };
+        if self.max_concurrency == Some(0) {
+            return Err(("max_concurrency", "must be at least 1".into()));
+        }
+        if self.timeout.is_some_and(|t| t.is_zero()) {
+            return Err(("timeout", "must be greater than zero".into()));
+        }
+        let name = self.name.clone().unwrap_or_else(|| match &methods {
+            Some(m) => format!(
+                "{} {}",
+                m.iter().map(Method::as_str).collect::<Vec<_>>().join(","),
+                path.pattern()
+            ),
+            None => path.pattern().to_owned(),
+        });
+        Ok(RouteSpec {
+            name,
+            path,
+            methods,
+            limit: self.max_concurrency,
+            timeout: self.timeout,
+            retry_after: self.retry_after,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<FileConfig, String> {
+        let dir = std::env::temp_dir().join(format!(
+            "tidegate-file-{}-{}",
+            std::process::id(),
+            fastrand::u64(..)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("tidegate.toml");
+        std::fs::write(&path, text).unwrap();
+        let result = load(&path).map(|(f, _)| f).map_err(|e| e.to_string());
+        let _ = std::fs::remove_dir_all(&dir);
+        result
+    }
+
+    #[test]
+    fn full_example_parses() {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/examples/tidegate.toml"
+        ))
+        .unwrap();
+        let file = parse(&text).unwrap();
+        assert!(file.max_concurrency.is_some());
+        assert!(!file.routes.is_empty());
+    }
+
+    #[test]
+    fn errors_name_file_line_and_field() {
+        let cases = [
+            (
+                "max_concurrency = 4\nshutdown_delay = \"ten\"\n",
+                ":2: shutdown_delay:",
+            ),
+            ("bogus_key = 1\n", ":1: bogus_key:"),
+            ("max_concurrency = \"many\"\n", ":1: max_concurrency:"),
+            ("upstream = \"ftp://x\"\n", ":1: upstream:"),
+            ("listen = \"nowhere\"\n", ":1: listen:"),
+            ("on_client_abort = \"maybe\"\n", ":1: on_client_abort:"),
+            (
+                "\n[[route]]\nprefix = \"slow\"\nmax_concurrency = 1\n",
+                ":2: route[0].prefix:",
+            ),
+            (
+                "[[route]]\nprefix = \"/a\"\nglob = \"/b/*\"\n",
+                ":1: route[0].prefix: give exactly one",
+            ),
+            ("[[route]]\nglob = \"/a/[\"\n", "route[0].glob:"),
+            (
+                "[[route]]\nprefix = \"/a\"\nmethods = [\"G ET\"]\n",
+                "route[0].methods:",
+            ),
+            (
+                "[[route]]\nprefix = \"/a\"\nmax_concurrency = 0\n",
+                "route[0].max_concurrency:",
+            ),
+            ("[[route]]\nprefix = \"/a\"\ncolour = \"red\"\n", "colour"),
+        ];
+        for (text, want) in cases {
+            let err = parse(text).unwrap_err();
+            assert!(err.contains("tidegate.toml"), "{err}");
+            assert!(err.contains(want), "{text:?}: want {want:?} in {err}");
+        }
+    }
+}
