@@ -236,10 +236,8 @@ impl Limiter {
             None => None,
         };
         let route_ok = route.is_none() || route_permit.is_some();
-        if route_ok {
-            if let Ok(global) = shared.global.semaphore().clone().try_acquire_owned() {
-                return Ok(shared.admit(route, global, route_permit));
-            }
+        if route_ok && let Ok(global) = shared.global.semaphore().clone().try_acquire_owned() {
+            return Ok(shared.admit(route, global, route_permit));
         }
 
         // Slow path: take a queue place or refuse at once.
