@@ -22,6 +22,7 @@
 
 pub mod admin;
 pub mod body;
+pub mod check;
 pub mod config;
 pub mod connect;
 pub mod drain;

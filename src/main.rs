@@ -9,6 +9,10 @@ use tidegate::supervise::Child;
 use tidegate::{Config, EXIT_CONFIG, EXIT_DRAIN_TIMEOUT, EXIT_FAILURE, Server};
 
 fn main() -> ExitCode {
+    if std::env::args().nth(1).as_deref() == Some("check") {
+        let code = tidegate::check::main(std::env::args().skip(1));
+        return ExitCode::from(code as u8);
+    }
     let config = match parse() {
         Ok(config) => config,
         Err(code) => return code,

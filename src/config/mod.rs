@@ -29,7 +29,8 @@ use crate::limit::{LimitConfig, RouteSpec};
     about = "Sidecar reverse proxy that sheds load, answers probes on a reserved lane and drains on SIGTERM",
     after_help = "Every flag can also be set with the environment variable TIDEGATE_<FLAG> \
                   (e.g. TIDEGATE_MAX_CONCURRENCY). Durations use humantime syntax: 500ms, 15s, 2m.\n\
-                  Supervisor mode: tidegate [FLAGS] -- CMD [ARGS...] runs the app as a child process."
+                  Supervisor mode: tidegate [FLAGS] -- CMD [ARGS...] runs the app as a child process.\n\
+                  Manifest checks: tidegate check [FILE|DIR|-]... (see tidegate check --help)."
 )]
 pub struct Args {
     /// TOML file with any of these settings (keys are flag names with underscores) and routes
@@ -346,7 +347,7 @@ impl Config {
         }
     }
 
-    fn from_matches(matches: clap::ArgMatches) -> Result<Config, ConfigError> {
+    pub(crate) fn from_matches(matches: clap::ArgMatches) -> Result<Config, ConfigError> {
         let base =
             Args::from_arg_matches(&matches).map_err(|e| ConfigError::Flags(first_line(&e)))?;
         let explicit = Args::command()
