@@ -313,6 +313,27 @@ impl Metrics {
             )?,
             registry,
         };
+        // Series that exist from the start, so that rate() and alerts work before the first
+        // event.
+        for kind in ["connect", "connect-timeout", "timeout", "reset"] {
+            m.upstream_errors.with_label_values(&[kind]);
+        }
+        for result in ["pass", "fail", "busy"] {
+            m.app_health_checks.with_label_values(&[result]);
+        }
+        for result in ["ok", "error"] {
+            m.reloads.with_label_values(&[result]);
+        }
+        for path in [
+            "/livez",
+            "/readyz",
+            "/app/livez",
+            "/metrics",
+            "/prestop",
+            "/drain",
+        ] {
+            m.probe_duration.with_label_values(&[path]);
+        }
         Ok(m)
     }
 
