@@ -191,22 +191,19 @@ fn show(value: &Value, default: &str) -> String {
     }
 }
 
-/// Ports that reach tidegate's admin lane: its number and any name it has in the pod.
-fn admin_port_matches(pod: &TidegatePod<'_>, config: &crate::Config, port: &Value) -> bool {
-    let admin = config.args.admin_listen.port();
+/// Whether `port` (a number, or a name among the tidegate container's ports) is `number`.
+/// Named ports resolve within the container that declares them.
+fn tidegate_port_is(pod: &TidegatePod<'_>, port: &Value, number: u16) -> bool {
+    let number = u64::from(number);
     match port {
-        Value::Number(n) => n.as_u64() == Some(u64::from(admin)),
-        Value::String(name) => {
-            // Named ports resolve within the probing container only.
-            pod.container["ports"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .any(|p| {
-                    p["name"].as_str() == Some(name)
-                        && p["containerPort"].as_u64() == Some(u64::from(admin))
-                })
-        }
+        Value::Number(n) => n.as_u64() == Some(number),
+        Value::String(name) => pod.container["ports"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|p| {
+                p["name"].as_str() == Some(name) && p["containerPort"].as_u64() == Some(number)
+            }),
         _ => false,
     }
 }
@@ -238,7 +235,7 @@ fn probes(pod: &TidegatePod<'_>, config: &crate::Config, findings: &mut Vec<Find
                 };
                 endpoints.push((probe, port.to_string(), http_path.to_owned()));
                 let probing_admin = if is_tidegate {
-                    admin_port_matches(pod, config, port)
+                    tidegate_port_is(pod, port, config.args.admin_listen.port())
                 } else {
                     port.as_u64() == Some(u64::from(config.args.admin_listen.port()))
                 };
@@ -339,15 +336,8 @@ fn services(
     objects: &[Object],
     findings: &mut Vec<Finding>,
 ) {
-    let listen = u64::from(config.args.listen.port());
-    let tidegate_port_names: Vec<&str> = pod.container["ports"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|p| p["containerPort"].as_u64() == Some(listen))
-        .filter_map(|p| p["name"].as_str())
-        .collect();
-    let admin = u64::from(config.args.admin_listen.port());
+    let listen = config.args.listen.port();
+    let admin = config.args.admin_listen.port();
     for service in objects.iter().filter(|o| o.kind == "Service") {
         let Some(selector) = service.value["spec"]["selector"].as_object() else {
             continue;
@@ -370,23 +360,9 @@ fn services(
             } else {
                 &port["targetPort"]
             };
-            let to_tidegate = match target {
-                Value::Number(n) => n.as_u64() == Some(listen) || n.as_u64() == Some(admin),
-                Value::String(name) => {
-                    tidegate_port_names.contains(&name.as_str()) || {
-                        // The admin port by name (for scraping) is fine too.
-                        pod.container["ports"]
-                            .as_array()
-                            .into_iter()
-                            .flatten()
-                            .any(|p| {
-                                p["name"].as_str() == Some(name)
-                                    && p["containerPort"].as_u64() == Some(admin)
-                            })
-                    }
-                }
-                _ => false,
-            };
+            // The admin port (for scraping) is fine too.
+            let to_tidegate =
+                tidegate_port_is(pod, target, listen) || tidegate_port_is(pod, target, admin);
             if !to_tidegate {
                 findings.push(Finding {
                     severity: Severity::Error,
