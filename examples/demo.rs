@@ -76,12 +76,12 @@ async fn main() -> anyhow::Result<()> {
 
     if burst {
         run_burst(proxy, admin).await;
-        lifecycle.request_shutdown();
-        lifecycle.request_shutdown();
+        lifecycle.start_shutdown();
+        lifecycle.skip_delay();
     } else {
         println!("Ctrl-C to stop (tidegate drains first).");
         tokio::signal::ctrl_c().await?;
-        lifecycle.request_shutdown();
+        lifecycle.start_shutdown();
     }
     let outcome = serving.await??;
     println!("tidegate stopped: {outcome:?}");

@@ -133,8 +133,9 @@ async fn watch_child(child: std::sync::Arc<Child>, lifecycle: Lifecycle) {
     let code = child.exited().await;
     if lifecycle.start_shutdown() {
         tracing::error!(code, "App exited on its own; shutting down");
-        lifecycle.request_shutdown();
     }
+    // Nothing is left to serve: no delay.
+    lifecycle.skip_delay();
 }
 
 fn chain(error: &(dyn std::error::Error + 'static)) -> String {

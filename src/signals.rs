@@ -50,7 +50,19 @@ pub fn on_signal(signal: i32, count: u32, lifecycle: &Lifecycle) -> Action {
         tracing::warn!(signal = name, "Exiting at once");
         return Action::ExitNow(128 + signal);
     }
-    let before = lifecycle.request_shutdown();
-    tracing::info!(signal = name, phase = before.as_str(), "Shutdown requested");
+    // Signals are counted, not phases: a shutdown that /prestop started a moment earlier (a
+    // classic sidecar gets SIGTERM while the app's preStop calls /prestop) keeps its delay.
+    let phase = lifecycle.phase();
+    if count == 1 {
+        lifecycle.start_shutdown();
+        tracing::info!(signal = name, phase = phase.as_str(), "Shutdown requested");
+    } else {
+        lifecycle.skip_delay();
+        tracing::info!(
+            signal = name,
+            phase = phase.as_str(),
+            "Second signal: skipping the rest of the delay"
+        );
+    }
     Action::Continue
 }

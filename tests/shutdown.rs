@@ -321,3 +321,42 @@ async fn http2_connections_get_goaway_when_shutdown_starts() {
         .unwrap();
     assert_eq!(code, 0);
 }
+
+/// A classic sidecar gets SIGTERM at the same moment the app's preStop calls /prestop; in
+/// whichever order they arrive, the delay is kept (only a second *signal* skips it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prestop_then_sigterm_keeps_the_delay() {
+    let upstream = ok_upstream().await;
+    let mut bin = Binary::start(
+        &format!("http://{}", upstream.addr),
+        &["--shutdown-delay", "1500ms"],
+    );
+    wait_admin_ready(bin.admin).await;
+    let start = Instant::now();
+    let prestop = {
+        let url = format!("http://{}/prestop", bin.admin);
+        tokio::spawn(async move { get(&url).await })
+    };
+    let admin = bin.admin;
+    eventually_async(
+        "shutdown started by /prestop",
+        Duration::from_secs(5),
+        || async move {
+            get(&format!("http://{admin}/readyz")).await.map(|r| r.0)
+                == Ok(StatusCode::SERVICE_UNAVAILABLE)
+        },
+    )
+    .await;
+    bin.signal(Signal::SIGTERM);
+    let (status, _, _) = prestop.await.unwrap().unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        start.elapsed() >= Duration::from_millis(1500),
+        "the SIGTERM after /prestop skipped the delay: {:?}",
+        start.elapsed()
+    );
+    let code = tokio::task::spawn_blocking(move || bin.wait_exit(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    assert_eq!(code, 0);
+}

@@ -1,10 +1,10 @@
 //! Shutdown phases and the signal that moves through them.
 //!
 //! ```text
-//! Serving --SIGTERM / SIGINT / POST /drain / GET /prestop--> Delay
+//! Serving --SIGTERM / SIGINT / POST /drain / GET /prestop (any of them, in any order)--> Delay
 //!   Delay: /readyz fails, traffic still served, HTTP/1.1 answers carry `Connection: close`,
 //!          HTTP/2 connections get GOAWAY
-//! Delay --after --shutdown-delay, or a second signal--> Drain
+//! Delay --after --shutdown-delay, or a second signal (not a second request)--> Drain
 //!   Drain: listeners closed, idle connections closed, in-flight work finishes
 //! Drain --all connections done, or --drain-timeout--> Exited
 //! ```
@@ -98,8 +98,8 @@ impl Lifecycle {
         self.fast.load(Ordering::Relaxed) != Phase::Serving as u8
     }
 
-    /// Starts shutdown if it has not started; unlike [`Lifecycle::request_shutdown`] it never
-    /// skips the delay. Returns whether this call started it.
+    /// Starts shutdown if it has not started; never skips the delay, whoever asks (a signal,
+    /// `/prestop`, `/drain`, in any order). Returns whether this call started it.
     pub fn start_shutdown(&self) -> bool {
         self.advance(Phase::Delay)
     }
@@ -109,18 +109,12 @@ impl Lifecycle {
         self.phase.subscribe()
     }
 
-    /// Asks for shutdown. The first call starts the delay; a call during the delay skips the
-    /// rest of it. Returns the phase before the call.
-    pub fn request_shutdown(&self) -> Phase {
-        let before = self.phase();
-        match before {
-            Phase::Serving => {
-                self.advance(Phase::Delay);
-            }
-            Phase::Delay => self.skip_delay.notify_one(),
-            Phase::Drain | Phase::Exited => {}
+    /// Skips the rest of the delay if shutdown is in it (a second signal). Does nothing
+    /// before shutdown starts; call [`Lifecycle::start_shutdown`] first.
+    pub fn skip_delay(&self) {
+        if self.phase() == Phase::Delay {
+            self.skip_delay.notify_one();
         }
-        before
     }
 
     /// Moves forward to `phase` (never backwards); returns whether the phase changed.
@@ -176,7 +170,8 @@ mod tests {
     #[tokio::test]
     async fn phases_only_move_forward() {
         let life = Lifecycle::new();
-        assert_eq!(life.request_shutdown(), Phase::Serving);
+        assert!(life.start_shutdown());
+        assert!(!life.start_shutdown(), "idempotent");
         assert_eq!(life.phase(), Phase::Delay);
         life.advance(Phase::Serving);
         assert_eq!(life.phase(), Phase::Delay);
@@ -186,13 +181,18 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn second_request_skips_the_delay() {
+    async fn skip_delay_only_during_the_delay() {
         let life = Lifecycle::new();
-        life.request_shutdown();
+        life.skip_delay(); // before shutdown: ignored
+        life.start_shutdown();
         let skipped = life.delay_skipped();
         tokio::pin!(skipped);
+        assert!(
+            futures_util::poll!(skipped.as_mut()).is_pending(),
+            "the early skip did not count"
+        );
         // notify_one stores a permit, so the order of wait and notify does not matter.
-        life.request_shutdown();
+        life.skip_delay();
         skipped.await;
     }
 }

@@ -519,13 +519,23 @@ pub fn spawn_prober(
 
 // ===== small shared helpers =====
 
-/// A port that was free a moment ago (for configs that need a fixed port up front).
+/// A port that was free a moment ago (for configs that need a fixed port up front). Ports
+/// stay reserved for the life of the test process, so two calls never return the same port
+/// (the kernel could otherwise hand out a port again before its first user binds it).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static RESERVED: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut reserved = RESERVED.lock().unwrap();
+        if !reserved.contains(&port) {
+            reserved.push(port);
+            return port;
+        }
+    }
 }
 
 /// Waits until the admin lane at `admin` answers `/readyz` with 200.
