@@ -9,8 +9,9 @@
    kubelet (period, 1 s timeout, failure threshold 3; a tripped liveness probe restarts the
    app after a realistic start-up time). Variants: the app alone, behind HAProxy configured as
    a sidecar (maxconn, timeout queue), and behind tidegate.
-2. rolling: a front HAProxy health-checking each replica like endpoint propagation (seconds
-   of lag); replicas whose app dies at once on SIGTERM; a kubelet-like rollout (surge one, wait
+2. rolling: a front HAProxy health-checking each replica's readiness, and dropping a
+   terminating replica `lb_lag` seconds after its termination starts, like endpoint
+   propagation; replicas whose app dies at once on SIGTERM; a kubelet-like rollout (surge one, wait
    until routed, then preStop, SIGTERM, SIGKILL after the grace period) under constant load.
    Variants: no protection, a preStop sleep, tidegate's /prestop.
 
@@ -207,7 +208,7 @@ def saturation_variant(name, args, tidegate_bin, procs):
         front = front_port
         cfg = pathlib.Path(tmp) / "haproxy.cfg"
         cfg.write_text(
-            "global\n    maxconn 4000\n"
+            "global\n    maxconn 4000\n    stats socket " + str(pathlib.Path(tmp) / "admin.sock") + " level admin\n"
             "defaults\n    mode http\n    timeout connect 1s\n    timeout client 60s\n    timeout server 60s\n"
             f"    timeout queue 1s\n    retries 0\n"
             f"frontend fe\n    bind 127.0.0.1:{front}\n    default_backend app\n"
@@ -359,13 +360,29 @@ def haproxy_front(procs, tmp, slots, front, stats):
     check_path = slots[0][2]
     cfg = pathlib.Path(tmp) / "front.cfg"
     cfg.write_text(
-        "global\n    maxconn 4000\n"
+        "global\n    maxconn 4000\n    stats socket " + str(pathlib.Path(tmp) / "admin.sock") + " level admin\n"
         "defaults\n    mode http\n    timeout connect 1s\n    timeout client 30s\n    timeout server 30s\n"
         "    retries 0\n    option http-server-close\n"
         f"frontend fe\n    bind 127.0.0.1:{front}\n    default_backend pods\n"
         f"backend pods\n    balance roundrobin\n    option httpchk GET {check_path}\n{servers}"
         f"frontend stats\n    bind 127.0.0.1:{stats}\n    stats enable\n    stats uri /stats\n")
     procs.start(["haproxy", "-db", "-f", str(cfg)])
+
+
+def remove_endpoint_later(tmp, server, lag):
+    """Endpoint propagation: `lag` seconds after the pod starts terminating, the front stops
+    routing to it, whatever its readiness says (Kubernetes removes terminating endpoints)."""
+
+    def remove():
+        time.sleep(lag)
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(str(pathlib.Path(tmp) / "admin.sock"))
+            s.sendall(f"set server pods/{server} state maint\n".encode())
+            s.recv(4096)
+
+    t = threading.Thread(target=remove)
+    t.start()
+    return t
 
 
 def server_status(stats_port, name):
@@ -436,7 +453,9 @@ def rolling_variant(variant, args, tidegate_bin, procs):
             time.sleep(0.05)
         timeline.add("replaced")
         debug(f"new r{args.replicas + i} UP; terminating r{i}")
+        propagation = remove_endpoint_later(tmp, f"r{i}", args.lb_lag)
         old[i].terminate(args.grace)
+        propagation.join()
         debug(f"r{i} terminated; front sees it {server_status(stats, f'r{i}')}")
     rollout = time.monotonic() - rollout_start
     time.sleep(1)
@@ -533,8 +552,9 @@ def main():
                                 f"{t['failed']} failed fast requests")
         if args.only in (None, "rolling"):
             rows = [rolling_variant(v, rol, args.tidegate, procs) for v in ("none", "prestop-sleep", "tidegate")]
-            print(f"\nrolling deploy: {rol.replicas} replicas, front HAProxy checks every 1s (fall 2), "
-                  f"apps die at once on SIGTERM, {rol.load_clients} clients of constant load")
+            print(f"\nrolling deploy: {rol.replicas} replicas, front HAProxy checks readiness every 1s (fall 2) and "
+                  f"drops terminating pods {rol.lb_lag}s late; apps die at once on SIGTERM; preStop sleep {rol.sleep}s; "
+                  f"{rol.load_clients} clients of constant load")
             print(f"{'variant':<14} {'requests':>8} {'failed':>7} {'error %':>8} {'rollout s':>9}  errors by kind")
             for r in rows:
                 kinds = ", ".join(f"{k}: {v}" for k, v in sorted(r["errors"].items())) or "-"
