@@ -109,8 +109,10 @@ impl Slot {
                     "/health",
                     "--app-health-interval",
                     "200ms",
+                    // HAProxy checks every second with fall 1: 3 s leaves a margin on a
+                    // loaded machine.
                     "--shutdown-delay",
-                    "2s",
+                    "3s",
                     "--drain-timeout",
                     "10s",
                     "--access-log",
