@@ -123,6 +123,21 @@ impl Slot {
         }
     }
 
+    /// Waits until the pod is ready by its own readiness (tidegate's `/readyz`, or the app's
+    /// health route), as kubelet does before a pod joins the endpoints. HAProxy counts a
+    /// server as up before its first check, so this must come first.
+    async fn wait_ready(&self) {
+        let url = match &self.sidecar {
+            Some(_) => format!("http://127.0.0.1:{}/readyz", self.admin_port),
+            None => format!("http://127.0.0.1:{}/health", self.app_port),
+        };
+        eventually_async("pod ready", Duration::from_secs(20), || {
+            let url = url.clone();
+            async move { matches!(get(&url).await, Ok((status, _, _)) if status.is_success()) }
+        })
+        .await;
+    }
+
     /// Kubelet's termination: preStop hooks, then SIGTERM to every container.
     async fn terminate(&mut self, with_tidegate: bool) {
         if let Some(mut sidecar) = self.sidecar.take() {
@@ -261,6 +276,9 @@ async fn rolling_restart(with_tidegate: bool) -> Load {
     for s in &mut slots {
         s.start(with_tidegate, &dir);
     }
+    for s in &slots {
+        s.wait_ready().await;
+    }
     let haproxy = start_haproxy(&slots, with_tidegate, &dir);
     for i in 0..REPLICAS {
         haproxy.wait_up(i).await;
@@ -304,6 +322,7 @@ async fn rolling_restart(with_tidegate: bool) -> Load {
     for (i, slot) in slots.iter_mut().enumerate() {
         slot.terminate(with_tidegate).await;
         slot.start(with_tidegate, &dir);
+        slot.wait_ready().await;
         haproxy.wait_up(i).await;
         // Endpoints converge before the next pod goes (maxUnavailable: 1, minReadySeconds).
         tokio::time::sleep(Duration::from_millis(300)).await;

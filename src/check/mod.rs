@@ -14,6 +14,7 @@ pub use self::manifest::InputError;
 #[derive(Debug, Parser)]
 #[command(
     name = "tidegate check",
+    bin_name = "tidegate check",
     about = "Check Kubernetes manifests of pods that run tidegate for shutdown and probe pitfalls",
     after_help = "Exit codes: 0 no errors (warnings allowed), 1 errors found, 2 unreadable input."
 )]
