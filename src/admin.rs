@@ -129,8 +129,14 @@ async fn handle(req: Request<Incoming>, health: &HealthState) -> AdminResponse {
         (&Method::GET | &Method::HEAD, "/readyz") => ("/readyz", verdict(health.readyz())),
         (&Method::GET | &Method::HEAD, "/app/livez") => ("/app/livez", verdict(health.app_livez())),
         (&Method::GET, "/metrics") => ("/metrics", metrics(health)),
-        (&Method::GET, "/prestop") => ("/prestop", prestop(health).await),
-        (&Method::POST | &Method::PUT, "/drain") => ("/drain", drain(health)),
+        (&Method::GET, "/prestop") => match unauthorized(&req, health) {
+            None => ("/prestop", prestop(health).await),
+            Some(denied) => ("/prestop", denied),
+        },
+        (&Method::POST | &Method::PUT, "/drain") => match unauthorized(&req, health) {
+            None => ("/drain", drain(health)),
+            Some(denied) => ("/drain", denied),
+        },
         (_, "/livez" | "/readyz" | "/app/livez" | "/metrics" | "/prestop" | "/drain") => (
             "other",
             text(
@@ -150,6 +156,32 @@ async fn handle(req: Request<Incoming>, health: &HealthState) -> AdminResponse {
         .with_label_values(&[label])
         .observe(start.elapsed().as_secs_f64());
     response
+}
+
+/// With `--admin-token`, the endpoints that stop the pod need `Authorization: Bearer TOKEN`
+/// (kubelet sends it from the preStop hook's `httpHeaders`). Returns the refusal, if any.
+fn unauthorized(req: &Request<Incoming>, health: &HealthState) -> Option<AdminResponse> {
+    let config = health.live().load();
+    let token = config.args.admin_token.as_ref()?;
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    if constant_time_eq(given.as_bytes(), token.as_bytes()) {
+        return None;
+    }
+    tracing::warn!("Refused an unauthenticated shutdown request on the admin lane");
+    let mut rsp = text(StatusCode::UNAUTHORIZED, "admin token required\n".into());
+    rsp.headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    Some(rsp)
+}
+
+/// Compares without an early exit, so the time taken does not reveal the matching prefix.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 fn verdict(result: Result<(), String>) -> AdminResponse {

@@ -360,3 +360,54 @@ async fn prestop_then_sigterm_keeps_the_delay() {
         .unwrap();
     assert_eq!(code, 0);
 }
+
+/// With `--admin-token`, /prestop and /drain need the bearer token (kubelet sends it from the
+/// preStop hook's httpHeaders); probes and /metrics stay open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_token_protects_prestop_and_drain() {
+    let upstream = ok_upstream().await;
+    let mut bin = Binary::start(
+        &format!("http://{}", upstream.addr),
+        &["--shutdown-delay", "200ms", "--admin-token", "s3cret-token"],
+    );
+    wait_admin_ready(bin.admin).await;
+    let admin = bin.admin;
+    let (status, headers, _) = get(&format!("http://{admin}/prestop")).await.unwrap();
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(headers["www-authenticate"], "Bearer");
+    for token in ["wrong", "s3cret-toke", "s3cret-token-"] {
+        let req = Request::post(format!("http://{admin}/drain"))
+            .header("authorization", format!("Bearer {token}"))
+            .body(empty())
+            .unwrap();
+        assert_eq!(
+            send(&client(), req).await.unwrap().0,
+            StatusCode::UNAUTHORIZED,
+            "{token}"
+        );
+    }
+    // Nothing was started: still ready; probes and metrics need no token.
+    assert_eq!(
+        get(&format!("http://{admin}/readyz")).await.unwrap().0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        get(&format!("http://{admin}/metrics")).await.unwrap().0,
+        StatusCode::OK
+    );
+    assert!(
+        !bin.log().contains("s3cret-token"),
+        "the token is never logged"
+    );
+
+    let req = Request::get(format!("http://{admin}/prestop"))
+        .header("authorization", "Bearer s3cret-token")
+        .body(empty())
+        .unwrap();
+    let (status, _, body) = send(&client(), req).await.unwrap();
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "drained\n"));
+    let code = tokio::task::spawn_blocking(move || bin.wait_exit(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    assert_eq!(code, 0);
+}

@@ -247,8 +247,15 @@ fn parse_flags(container: &Value, argv: &[String]) -> Result<Config, String> {
         .map(|a| a.split('=').next().unwrap_or(a))
         .collect();
     for env in container["env"].as_array().into_iter().flatten() {
-        let (Some(name), Some(value)) = (env["name"].as_str(), env["value"].as_str()) else {
+        let Some(name) = env["name"].as_str() else {
             continue;
+        };
+        // Values from a Secret or ConfigMap are unknown here; the admin token's mere presence
+        // matters to the rules, so it gets a placeholder.
+        let value = match env["value"].as_str() {
+            Some(value) => value,
+            None if name == "TIDEGATE_ADMIN_TOKEN" && !env["valueFrom"].is_null() => "from-secret",
+            None => continue,
         };
         let Some(flag) = name.strip_prefix("TIDEGATE_") else {
             continue;

@@ -297,6 +297,27 @@ fn prestop(pod: &TidegatePod<'_>, config: &crate::Config, findings: &mut Vec<Fin
         let hook = &container["lifecycle"]["preStop"];
         let calls_prestop = hook["httpGet"]["path"].as_str() == Some("/prestop")
             && hook["httpGet"]["port"].as_u64() == Some(admin);
+        let sends_token = hook["httpGet"]["httpHeaders"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|h| {
+                h["name"]
+                    .as_str()
+                    .is_some_and(|n| n.eq_ignore_ascii_case("authorization"))
+            });
+        if calls_prestop && config.args.admin_token.is_some() && !sends_token {
+            findings.push(finding(
+                pod,
+                Severity::Error,
+                "no-prestop",
+                format!("{path}/lifecycle/preStop/httpGet/httpHeaders"),
+                format!("app container {name:?} calls /prestop without the Authorization header --admin-token requires"),
+                "tidegate answers 401 at once, so kubelet signals the app while tidegate still routes to it.",
+                "Add httpHeaders: [{name: Authorization, value: \"Bearer <token>\"}] to the preStop httpGet.",
+            ));
+            continue;
+        }
         if calls_prestop {
             continue;
         }

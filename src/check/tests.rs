@@ -140,6 +140,30 @@ fn missing_prestop_in_classic_sidecar_mode() {
 }
 
 #[test]
+fn admin_token_needs_the_header_in_prestop() {
+    let with_token = GOOD.replace(
+        "          ports:\n            - {name: http",
+        "          env:\n            - name: TIDEGATE_ADMIN_TOKEN\n              valueFrom: {secretKeyRef: {name: tidegate, key: token}}\n          ports:\n            - {name: http",
+    );
+    let report = run(&with_token);
+    assert_eq!(rules(&report), vec![("no-prestop", Severity::Error)]);
+    assert!(
+        report.findings[0]
+            .field
+            .ends_with("preStop.httpGet.httpHeaders")
+    );
+    let fixed = with_token.replace(
+        "httpGet: {path: /prestop, port: 9901}",
+        "httpGet: {path: /prestop, port: 9901, httpHeaders: [{name: Authorization, value: Bearer x}]}",
+    );
+    assert!(
+        run(&fixed).findings.is_empty(),
+        "{:#?}",
+        run(&fixed).findings
+    );
+}
+
+#[test]
 fn service_bypassing_tidegate() {
     let report = run(&GOOD.replace(
         "{port: 80, targetPort: http}",

@@ -47,6 +47,7 @@ pub(super) struct FileConfig {
     #[serde(default, deserialize_with = "upstream")]
     upstream: Option<Upstream>,
     admin_listen: Option<SocketAddr>,
+    admin_token: Option<String>,
     threads: Option<u16>,
     upstream_http2: Option<bool>,
     #[serde(default, with = "humantime_serde")]
@@ -228,7 +229,8 @@ impl FileConfig {
             upstream_timeout,
             max_concurrency,
             max_queue,
-            app_health_path
+            app_health_path,
+            admin_token
         );
         // Routes from flags replace the file's routes as a whole.
         if !explicit.contains("routes") && !self.route.is_empty() {

@@ -59,6 +59,15 @@ pub struct Args {
     )]
     pub admin_listen: SocketAddr,
 
+    /// Require `Authorization: Bearer TOKEN` on /prestop and /drain (probes and /metrics stay open)
+    #[arg(
+        long,
+        env = "TIDEGATE_ADMIN_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    pub admin_token: Option<String>,
+
     /// Worker threads of the proxy runtime [default: CPUs allowed by the cgroup quota]
     #[arg(long, env = "TIDEGATE_THREADS", value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub threads: Option<u16>,
@@ -237,6 +246,9 @@ pub enum ConfigError {
     /// A duration that must be positive is zero.
     #[error("--{0}: must be greater than zero")]
     ZeroDuration(&'static str),
+    /// The admin token is empty or not a valid header value.
+    #[error("--admin-token: must be non-empty printable ASCII without spaces")]
+    AdminToken,
     /// The command line itself is invalid.
     #[error("{0}")]
     Flags(String),
@@ -315,6 +327,11 @@ impl Args {
         }
         if self.upstream_timeout.is_some_and(|d| d.is_zero()) {
             return Err(ConfigError::ZeroDuration("upstream-timeout"));
+        }
+        if let Some(token) = &self.admin_token
+            && (token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()))
+        {
+            return Err(ConfigError::AdminToken);
         }
         Ok(())
     }
