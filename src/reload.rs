@@ -5,12 +5,11 @@
 //! is rejected with a logged error and the old configuration stays. Settings that cannot
 //! change live (listeners, upstream, threads, logging) keep their values, with a warning.
 
-use std::hash::{Hash, Hasher};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::config::LiveConfig;
+use crate::config::{LiveConfig, content_hash};
 use crate::limit::Limiter;
 use crate::metrics::Metrics;
 use crate::rescue::ErrorChain;
@@ -101,7 +100,8 @@ impl Reloader {
                 // Mid-swap or briefly missing: look again next time.
                 continue;
             };
-            let hash = content_hash(&contents);
+            // Lossy, so that a file that is not UTF-8 still counts as a change (and is rejected).
+            let hash = content_hash(&String::from_utf8_lossy(&contents));
             if Some(hash) == seen {
                 continue;
             }
@@ -110,13 +110,6 @@ impl Reloader {
             let _ = tokio::task::spawn_blocking(move || this.reload("file change")).await;
         }
     }
-}
-
-/// The same hash the config loader computes over the file's text.
-fn content_hash(contents: &[u8]) -> u64 {
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    String::from_utf8_lossy(contents).as_ref().hash(&mut hasher);
-    hasher.finish()
 }
 
 fn hash_gauge(hash: Option<u64>) -> f64 {

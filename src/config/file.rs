@@ -123,8 +123,6 @@ pub(super) fn load(path: &Path) -> Result<(FileConfig, u64), FileError> {
         path: path.to_owned(),
         source,
     })?;
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    text.hash(&mut hasher);
     let mut file: FileConfig = toml::from_str(&text).map_err(|e| invalid(path, &text, &e))?;
     file.routes = file
         .route
@@ -142,7 +140,14 @@ pub(super) fn load(path: &Path) -> Result<(FileConfig, u64), FileError> {
                 })
         })
         .collect::<Result<_, _>>()?;
-    Ok((file, hasher.finish()))
+    Ok((file, content_hash(&text)))
+}
+
+/// Hash of a config file's text: the loader records it, the watcher compares against it.
+pub(crate) fn content_hash(text: &str) -> u64 {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    text.hash(&mut hasher);
+    hasher.finish()
 }
 
 fn invalid(path: &Path, text: &str, error: &toml::de::Error) -> FileError {

@@ -19,6 +19,7 @@ use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
 use serde::Deserialize;
 
 pub use self::file::FileError;
+pub(crate) use self::file::content_hash;
 use crate::limit::{LimitConfig, RouteSpec};
 
 /// Parsed command line of the `tidegate` binary.
