@@ -103,11 +103,6 @@ impl ExchangeGuard {
         self.progress.record();
         drop(self.admission);
     }
-
-    /// The client-abort mode the exchange runs with.
-    pub fn on_abort(&self) -> ClientAbort {
-        self.on_abort
-    }
 }
 
 // === impl UpstreamBody ===

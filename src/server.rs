@@ -316,9 +316,4 @@ impl Running {
         }
         Ok(outcome)
     }
-
-    /// The shutdown lifecycle.
-    pub fn lifecycle(&self) -> Lifecycle {
-        self.lifecycle.clone()
-    }
 }

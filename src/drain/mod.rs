@@ -156,11 +156,6 @@ impl Lifecycle {
             Err(_) => DrainOutcome::Complete,
         }
     }
-
-    /// The outcome, if the drain is over.
-    pub fn outcome_now(&self) -> Option<DrainOutcome> {
-        *self.outcome.borrow()
-    }
 }
 
 #[cfg(test)]

@@ -318,11 +318,6 @@ impl Limiter {
     pub fn max_queue(&self) -> usize {
         self.shared.max_queue.load(Ordering::Relaxed)
     }
-
-    /// Requests holding an admission now.
-    pub fn in_flight(&self) -> i64 {
-        self.shared.metrics.in_flight.get()
-    }
 }
 
 fn global_size(config: &LimitConfig) -> usize {
