@@ -14,6 +14,7 @@
 
 use std::convert::Infallible;
 use std::io;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -75,6 +76,11 @@ pub fn spawn(
     })
 }
 
+/// Admin connections open at once at most; more are closed at accept.
+const MAX_ADMIN_CONNECTIONS: usize = 256;
+/// Largest request head the admin lane reads (its requests are short).
+const ADMIN_MAX_HEADER_BYTES: usize = 8 * 1024;
+
 async fn serve(listener: tokio::net::TcpListener, health: HealthState, stop: Arc<Notify>) {
     let connections = TaskTracker::new();
     let (closing_tx, closing) = watch::channel(false);
@@ -85,7 +91,7 @@ async fn serve(listener: tokio::net::TcpListener, health: HealthState, stop: Arc
             _ = &mut stopped => break,
             accepted = listener.accept() => accepted,
         };
-        let (stream, _) = match accepted {
+        let (stream, peer) = match accepted {
             Ok(conn) => conn,
             Err(error) => {
                 tracing::debug!(%error, "Admin accept failed");
@@ -93,17 +99,24 @@ async fn serve(listener: tokio::net::TcpListener, health: HealthState, stop: Arc
                 continue;
             }
         };
+        if connections.len() >= MAX_ADMIN_CONNECTIONS {
+            // Probes keep their lane: a flood of admin connections is closed, not queued.
+            tracing::debug!(client.addr = %peer, "Admin connection limit reached; closing");
+            continue;
+        }
         let _ = stream.set_nodelay(true);
         let health = health.clone();
+        let peer = peer.ip().to_canonical();
         let mut closing = closing.clone();
         connections.spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let health = health.clone();
-                async move { Ok::<_, Infallible>(handle(req, &health).await) }
+                async move { Ok::<_, Infallible>(handle(req, &health, peer).await) }
             });
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(10))
+                .max_header_size(ADMIN_MAX_HEADER_BYTES)
                 .serve_connection(TokioIo::new(stream), service);
             tokio::pin!(conn);
             tokio::select! {
@@ -121,7 +134,7 @@ async fn serve(listener: tokio::net::TcpListener, health: HealthState, stop: Arc
     let _ = tokio::time::timeout(Duration::from_secs(2), connections.wait()).await;
 }
 
-async fn handle(req: Request<Incoming>, health: &HealthState) -> AdminResponse {
+async fn handle(req: Request<Incoming>, health: &HealthState, peer: IpAddr) -> AdminResponse {
     let start = Instant::now();
     let path = req.uri().path();
     let (label, response) = match (req.method(), path) {
@@ -129,11 +142,11 @@ async fn handle(req: Request<Incoming>, health: &HealthState) -> AdminResponse {
         (&Method::GET | &Method::HEAD, "/readyz") => ("/readyz", verdict(health.readyz())),
         (&Method::GET | &Method::HEAD, "/app/livez") => ("/app/livez", verdict(health.app_livez())),
         (&Method::GET, "/metrics") => ("/metrics", metrics(health)),
-        (&Method::GET, "/prestop") => match unauthorized(&req, health) {
+        (&Method::GET, "/prestop") => match unauthorized(&req, health, peer) {
             None => ("/prestop", prestop(health).await),
             Some(denied) => ("/prestop", denied),
         },
-        (&Method::POST | &Method::PUT, "/drain") => match unauthorized(&req, health) {
+        (&Method::POST | &Method::PUT, "/drain") => match unauthorized(&req, health, peer) {
             None => ("/drain", drain(health)),
             Some(denied) => ("/drain", denied),
         },
@@ -158,10 +171,24 @@ async fn handle(req: Request<Incoming>, health: &HealthState) -> AdminResponse {
     response
 }
 
-/// With `--admin-token`, the endpoints that stop the pod need `Authorization: Bearer TOKEN`
-/// (kubelet sends it from the preStop hook's `httpHeaders`). Returns the refusal, if any.
-fn unauthorized(req: &Request<Incoming>, health: &HealthState) -> Option<AdminResponse> {
+/// The endpoints that stop the pod: with `--admin-allow`, only clients in one of the CIDRs may
+/// call them (403 otherwise); with `--admin-token`, they need `Authorization: Bearer TOKEN`
+/// (kubelet sends it from the preStop hook's `httpHeaders`; 401 otherwise). Returns the
+/// refusal, if any.
+fn unauthorized(
+    req: &Request<Incoming>,
+    health: &HealthState,
+    peer: IpAddr,
+) -> Option<AdminResponse> {
     let config = health.live().load();
+    let allow = &config.args.admin_allow;
+    if !allow.is_empty() && !allow.iter().any(|net| net.contains(&peer)) {
+        tracing::warn!(client.addr = %peer, "Refused a shutdown request from outside --admin-allow");
+        return Some(text(
+            StatusCode::FORBIDDEN,
+            "client not in --admin-allow\n".into(),
+        ));
+    }
     let token = config.args.admin_token.as_ref()?;
     let given = req
         .headers()

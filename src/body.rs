@@ -10,6 +10,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use crate::config::ClientAbort;
+use crate::error::Rejected;
 use crate::health::Progress;
 use crate::limit::Admission;
 
@@ -39,6 +40,65 @@ pub struct ExchangeGuard {
 pub struct UpstreamBody {
     inner: Option<Incoming>,
     guard: Option<ExchangeGuard>,
+}
+
+/// The client's request body on its way to the app. Enforces the body size limit as the bytes
+/// stream through, and turns a failure to read the body into [`Rejected`], so the client is
+/// answered with a 4xx (and the app's half-sent request is aborted), not a 502.
+#[derive(Debug)]
+pub struct RequestBody {
+    inner: Incoming,
+    limit: Option<u64>,
+    seen: u64,
+}
+
+// === impl RequestBody ===
+
+impl RequestBody {
+    /// Wraps `inner`; more than `limit` bytes (if set) fail the body with
+    /// [`Rejected::BodyTooLarge`].
+    pub fn new(inner: Incoming, limit: Option<u64>) -> RequestBody {
+        RequestBody {
+            inner,
+            limit,
+            seen: 0,
+        }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = Rejected;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Rejected>>> {
+        let this = &mut *self;
+        match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    this.seen = this.seen.saturating_add(data.len() as u64);
+                    if let Some(limit) = this.limit
+                        && this.seen > limit
+                    {
+                        return Poll::Ready(Some(Err(Rejected::BodyTooLarge { limit })));
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Some(Err(error)) => Poll::Ready(Some(Err(Rejected::Body(error)))),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 // === impl ResponseBody ===

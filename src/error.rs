@@ -48,6 +48,72 @@ pub struct UpstreamTimeout;
 #[error("upstream closed the connection")]
 pub struct UpstreamReset(#[source] pub BoxError);
 
+/// A request tidegate refuses to forward because it breaks a limit or the protocol; answered
+/// with a 4xx naming the limit, and never sent (or never sent further) to the app.
+#[derive(Debug, thiserror::Error)]
+pub enum Rejected {
+    /// The request target is longer than `--max-uri-bytes` (414).
+    #[error("request target longer than {limit} bytes")]
+    UriTooLong {
+        /// The limit in bytes.
+        limit: u64,
+    },
+    /// The request has more header fields than `--max-headers` (431).
+    #[error("more than {limit} header fields")]
+    TooManyHeaders {
+        /// The limit.
+        limit: u32,
+    },
+    /// The body is larger than the route's or the global `max-request-body` (413).
+    #[error("request body larger than {limit} bytes")]
+    BodyTooLarge {
+        /// The limit in bytes.
+        limit: u64,
+    },
+    /// An HTTP/1.1 request without exactly one valid `Host` (400, RFC 9112 §3.2).
+    #[error("bad Host header: {0}")]
+    BadHost(&'static str),
+    /// The request body could not be read: malformed chunked framing, or the client stopped
+    /// sending before the declared length (400).
+    #[error("malformed or incomplete request body")]
+    Body(#[source] hyper::Error),
+}
+
+// === impl Rejected ===
+
+impl Rejected {
+    /// The status the client gets.
+    pub fn status(&self) -> http::StatusCode {
+        use http::StatusCode;
+        match self {
+            Rejected::UriTooLong { .. } => StatusCode::URI_TOO_LONG,
+            Rejected::TooManyHeaders { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Rejected::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Rejected::BadHost(_) | Rejected::Body(_) => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    /// The label used in the `tidegate-error` header and in metrics.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Rejected::UriTooLong { .. } => "uri-too-long",
+            Rejected::TooManyHeaders { .. } => "too-many-headers",
+            Rejected::BodyTooLarge { .. } => "body-too-large",
+            Rejected::BadHost(_) => "bad-host",
+            Rejected::Body(_) => "bad-body",
+        }
+    }
+
+    /// Every label, for pre-registering metric series.
+    pub const LABELS: [&'static str; 5] = [
+        "uri-too-long",
+        "too-many-headers",
+        "body-too-large",
+        "bad-host",
+        "bad-body",
+    ];
+}
+
 // === impl ShedReason ===
 
 impl ShedReason {

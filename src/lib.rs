@@ -4,7 +4,7 @@
 //!
 //! - **Proxy lane** ([`serve`], [`stack`]): the proxy runtime accepts client connections and
 //!   serves each with the tower stack *record metrics → `Connection: close` on shutdown →
-//!   rescue errors → admission ([`limit`]) → [`proxy`]*, which forwards to the app over a pooled
+//!   rescue errors → request limits ([`screen`]) → admission ([`limit`]) → [`proxy`]*, which forwards to the app over a pooled
 //!   client and streams bodies both ways.
 //! - **Reserved lane** ([`admin`]): its own OS thread and current-thread runtime answer
 //!   `/livez`, `/readyz`, `/app/livez`, `/metrics`, `/prestop` and `/drain` from cached
@@ -34,6 +34,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod reload;
 pub mod rescue;
+pub mod screen;
 pub mod serve;
 pub mod server;
 pub mod signals;

@@ -48,6 +48,18 @@ pub struct Metrics {
     pub connections_open: IntGauge,
     /// `tidegate_connections_total`: downstream connections accepted.
     pub connections_total: IntCounter,
+    /// `tidegate_connections_rejected_total`: connections closed at once because
+    /// `--max-connections` were open.
+    pub connections_rejected: IntCounter,
+    /// `tidegate_connections_limit`: `--max-connections`.
+    pub connections_limit: IntGauge,
+    /// `tidegate_connections_timed_out_total{reason}`: connections tidegate closed, `idle`
+    /// (no request for `--idle-timeout`) or `header` (a request head slower than
+    /// `--header-read-timeout`).
+    pub connections_timed_out: IntCounterVec,
+    /// `tidegate_requests_rejected_total{reason}`: requests refused for breaking a limit or the
+    /// protocol, before they reached the app (or before their body did).
+    pub rejected: IntCounterVec,
     /// `tidegate_app_health_checks_total{result}`: active checks of the app.
     pub app_health_checks: IntCounterVec,
     /// `tidegate_app_health_check_duration_seconds`.
@@ -221,6 +233,40 @@ impl Metrics {
                     "Client connections accepted on the proxy listener",
                 )?,
             )?,
+            connections_rejected: reg(
+                r,
+                IntCounter::new(
+                    "tidegate_connections_rejected_total",
+                    "Client connections closed at once because --max-connections were open",
+                )?,
+            )?,
+            connections_limit: reg(
+                r,
+                IntGauge::new(
+                    "tidegate_connections_limit",
+                    "Client connections allowed open at once (--max-connections)",
+                )?,
+            )?,
+            connections_timed_out: reg(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "tidegate_connections_timed_out_total",
+                        "Client connections closed by tidegate: idle, or a request head too slow",
+                    ),
+                    &["reason"],
+                )?,
+            )?,
+            rejected: reg(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "tidegate_requests_rejected_total",
+                        "Requests refused for breaking a limit or the protocol, by reason",
+                    ),
+                    &["reason"],
+                )?,
+            )?,
             app_health_checks: reg(
                 r,
                 IntCounterVec::new(
@@ -317,6 +363,12 @@ impl Metrics {
         // event.
         for kind in ["connect", "connect-timeout", "timeout", "reset"] {
             m.upstream_errors.with_label_values(&[kind]);
+        }
+        for reason in ["idle", "header"] {
+            m.connections_timed_out.with_label_values(&[reason]);
+        }
+        for reason in crate::error::Rejected::LABELS {
+            m.rejected.with_label_values(&[reason]);
         }
         for result in ["pass", "fail", "busy"] {
             m.app_health_checks.with_label_values(&[result]);

@@ -8,6 +8,8 @@
 //! | connection reset / closed     | 502    | `tidegate-error: upstream-reset`         |
 //! | connect timeout               | 504    | `tidegate-error: upstream-connect-timeout` |
 //! | response timeout              | 504    | `tidegate-error: upstream-timeout`       |
+//! | request breaks a limit        | 413, 414, 431 | `tidegate-error: <limit>`        |
+//! | bad `Host`, malformed body    | 400    | `tidegate-error: bad-host` / `bad-body`  |
 //! | anything else                 | 500    | `tidegate-error: internal`               |
 
 use std::convert::Infallible;
@@ -23,7 +25,7 @@ use tower::{Layer, Service};
 use crate::body::ResponseBody;
 use crate::config::LiveConfig;
 use crate::error::{
-    BoxError, Overloaded, UpstreamConnect, UpstreamConnectTimeout, UpstreamReset, UpstreamTimeout,
+    BoxError, Overloaded, Rejected, UpstreamConnect, UpstreamConnectTimeout, UpstreamReset, UpstreamTimeout,
     find_cause, is_caused_by,
 };
 
@@ -151,6 +153,13 @@ pub fn to_response(
         );
         return rsp;
     }
+    if let Some(rejected) = find_cause::<Rejected>(error) {
+        tracing::debug!(error = %ErrorChain(error), "Rejected a request");
+        let mut rsp = local(rejected.status(), format!("{rejected}\n"));
+        rsp.headers_mut()
+            .insert(TIDEGATE_ERROR, HeaderValue::from_static(rejected.as_str()));
+        return rsp;
+    }
     let (status, kind, body) = if is_caused_by::<UpstreamConnectTimeout>(error) {
         (
             StatusCode::GATEWAY_TIMEOUT,
@@ -190,15 +199,17 @@ pub fn to_response(
     rsp
 }
 
-fn local(status: StatusCode, body: &'static str) -> Response<ResponseBody> {
-    let mut rsp = Response::new(ResponseBody::local(body));
+fn local(status: StatusCode, body: impl Into<bytes::Bytes>) -> Response<ResponseBody> {
+    let body: bytes::Bytes = body.into();
+    let len = body.len();
+    let mut rsp = Response::new(ResponseBody::Local(Some(body)));
     *rsp.status_mut() = status;
     let h = rsp.headers_mut();
     h.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
-    h.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     rsp
 }

@@ -17,7 +17,8 @@ use crate::metrics::{Metrics, MetricsError};
 use crate::proxy::Proxy;
 use crate::reload::Reloader;
 use crate::rescue::RescueLayer;
-use crate::serve::{self, ServeConfig};
+use crate::screen::ScreenLayer;
+use crate::serve;
 use crate::stack::ProxyStack;
 
 /// How often the proxy runtime stamps its heartbeat for `/livez`.
@@ -152,6 +153,12 @@ impl Server {
     /// builds the proxy stack. Call [`Running::run`] on the proxy runtime next.
     pub fn start(self) -> Result<Running, StartError> {
         let config = self.live.load();
+        if config.args.admin_token.is_none() && config.args.admin_allow.is_empty() {
+            tracing::warn!(
+                "/prestop and /drain accept any client that reaches the admin port; \
+                 set --admin-token or --admin-allow to restrict them"
+            );
+        }
         let checker = AppChecker::new(config.args.upstream.clone(), self.health.clone());
         let admin = admin::spawn(self.admin_listener, self.health.clone(), checker)
             .map_err(|e| StartError::Runtime("admin thread", e))?;
@@ -166,6 +173,7 @@ impl Server {
             record: self.metrics.layer(self.live.clone()),
             close: CloseOnShutdownLayer::new(self.lifecycle.clone()),
             rescue: RescueLayer::new(self.live.clone()),
+            screen: ScreenLayer::new(self.live.clone(), self.metrics.clone()),
             limit: LimitLayer::new(self.limiter.clone()),
             proxy,
         };
@@ -243,9 +251,7 @@ impl Running {
         let accept = tokio::spawn(serve::serve(
             listener,
             stack,
-            ServeConfig {
-                header_read_timeout: config.args.header_read_timeout,
-            },
+            live.clone(),
             lifecycle.clone(),
             metrics.clone(),
             connections.clone(),

@@ -1,5 +1,6 @@
 //! The proxy lane's tower stack, outermost first:
-//! record metrics → `Connection: close` on shutdown → rescue errors → admission → proxy.
+//! record metrics → `Connection: close` on shutdown → rescue errors → request limits →
+//! admission → proxy.
 
 use std::net::SocketAddr;
 
@@ -10,9 +11,10 @@ use crate::limit::{Limit, LimitLayer};
 use crate::metrics::{Record, RecordLayer};
 use crate::proxy::Proxy;
 use crate::rescue::{Rescue, RescueLayer};
+use crate::screen::{Screen, ScreenLayer};
 
 /// The service one client connection is served by.
-pub type ConnService = Record<CloseOnShutdown<Rescue<Limit<Proxy>>>>;
+pub type ConnService = Record<CloseOnShutdown<Rescue<Screen<Limit<Proxy>>>>>;
 
 /// The layers, built once at start-up and cloned per connection.
 #[derive(Clone, Debug)]
@@ -23,6 +25,8 @@ pub struct ProxyStack {
     pub close: CloseOnShutdownLayer,
     /// Errors to responses.
     pub rescue: RescueLayer,
+    /// Request limits checked before admission.
+    pub screen: ScreenLayer,
     /// Admission control.
     pub limit: LimitLayer,
     /// The innermost proxy.
@@ -38,6 +42,7 @@ impl ProxyStack {
             .layer(self.record.clone())
             .layer(self.close.clone())
             .layer(self.rescue.clone())
+            .layer(self.screen.clone())
             .layer(self.limit.clone())
             .service(self.proxy.for_client(client_addr))
     }

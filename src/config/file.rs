@@ -7,10 +7,12 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use bytesize::ByteSize;
 use http::Method;
+use ipnet::IpNet;
 use serde::{Deserialize, Deserializer};
 
-use super::{Args, ClientAbort, LogFormat, Upstream, parse_upstream};
+use super::{Args, ClientAbort, LogFormat, Upstream, parse_cidr, parse_upstream};
 use crate::limit::{PathMatch, RouteSpec};
 
 /// A config file that cannot be used.
@@ -48,6 +50,8 @@ pub(super) struct FileConfig {
     upstream: Option<Upstream>,
     admin_listen: Option<SocketAddr>,
     admin_token: Option<String>,
+    #[serde(default, deserialize_with = "cidrs")]
+    admin_allow: Option<Vec<IpNet>>,
     threads: Option<u16>,
     upstream_http2: Option<bool>,
     #[serde(default, with = "humantime_serde")]
@@ -56,6 +60,14 @@ pub(super) struct FileConfig {
     upstream_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     header_read_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    idle_timeout: Option<Duration>,
+    max_connections: Option<u32>,
+    max_header_bytes: Option<ByteSize>,
+    max_headers: Option<u32>,
+    max_uri_bytes: Option<ByteSize>,
+    max_request_body: Option<ByteSize>,
+    h2_max_concurrent_streams: Option<u32>,
     on_client_abort: Option<ClientAbort>,
     via: Option<bool>,
     log_format: Option<LogFormat>,
@@ -115,6 +127,8 @@ struct FileRoute {
     /// `Retry-After` base for this route's refusals.
     #[serde(default, with = "humantime_serde")]
     retry_after: Option<Duration>,
+    /// Largest request body on this route.
+    max_request_body: Option<ByteSize>,
 }
 
 /// Reads and parses `path`; returns the settings and a hash of the contents.
@@ -180,6 +194,15 @@ fn upstream<'de, D: Deserializer<'de>>(de: D) -> Result<Option<Upstream>, D::Err
         .map_err(serde::de::Error::custom)
 }
 
+fn cidrs<'de, D: Deserializer<'de>>(de: D) -> Result<Option<Vec<IpNet>>, D::Error> {
+    Vec::<String>::deserialize(de)?
+        .iter()
+        .map(|value| parse_cidr(value))
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
+        .map_err(serde::de::Error::custom)
+}
+
 // === impl FileConfig ===
 
 impl FileConfig {
@@ -210,6 +233,13 @@ impl FileConfig {
             upstream_http2,
             connect_timeout,
             header_read_timeout,
+            idle_timeout,
+            max_connections,
+            max_header_bytes,
+            max_headers,
+            max_uri_bytes,
+            h2_max_concurrent_streams,
+            admin_allow,
             on_client_abort,
             via,
             log_format,
@@ -235,7 +265,8 @@ impl FileConfig {
             max_concurrency,
             max_queue,
             app_health_path,
-            admin_token
+            admin_token,
+            max_request_body,
         );
         // Routes from flags replace the file's routes as a whole.
         if !explicit.contains("routes") && !self.route.is_empty() {
@@ -293,6 +324,7 @@ impl FileRoute {
             limit: self.max_concurrency,
             timeout: self.timeout,
             retry_after: self.retry_after,
+            max_request_body: self.max_request_body.map(|b| b.as_u64()),
         })
     }
 }

@@ -15,7 +15,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use bytesize::ByteSize;
 use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
+use ipnet::IpNet;
 use serde::Deserialize;
 
 pub use self::file::FileError;
@@ -69,6 +71,10 @@ pub struct Args {
     )]
     pub admin_token: Option<String>,
 
+    /// Clients allowed to call /prestop and /drain, as CIDRs (repeatable) [default: any]
+    #[arg(long, env = "TIDEGATE_ADMIN_ALLOW", value_name = "CIDR", value_delimiter = ',', value_parser = parse_cidr)]
+    pub admin_allow: Vec<IpNet>,
+
     /// Worker threads of the proxy runtime [default: CPUs allowed by the cgroup quota]
     #[arg(long, env = "TIDEGATE_THREADS", value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub threads: Option<u16>,
@@ -88,6 +94,34 @@ pub struct Args {
     /// Time a client has to send a complete request head (slowloris guard)
     #[arg(long, env = "TIDEGATE_HEADER_READ_TIMEOUT", default_value = "10s", value_name = "DURATION", value_parser = parse_duration)]
     pub header_read_timeout: Duration,
+
+    /// Close a client connection that has had no request in flight for this long
+    #[arg(long, env = "TIDEGATE_IDLE_TIMEOUT", default_value = "90s", value_name = "DURATION", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+
+    /// Open client connections at most; beyond it a new connection gets a 503 and is closed
+    #[arg(long, env = "TIDEGATE_MAX_CONNECTIONS", default_value_t = 20_000, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+
+    /// Largest request head, request line and header fields together (431 beyond)
+    #[arg(long, env = "TIDEGATE_MAX_HEADER_BYTES", default_value = "64KiB", value_name = "SIZE", value_parser = parse_size)]
+    pub max_header_bytes: ByteSize,
+
+    /// Most header fields in a request (431 beyond)
+    #[arg(long, env = "TIDEGATE_MAX_HEADERS", default_value_t = 100, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=MAX_HEADERS_CEILING))]
+    pub max_headers: u32,
+
+    /// Longest request target, path and query (414 beyond)
+    #[arg(long, env = "TIDEGATE_MAX_URI_BYTES", default_value = "8KiB", value_name = "SIZE", value_parser = parse_size)]
+    pub max_uri_bytes: ByteSize,
+
+    /// Largest request body; a route may set its own (413 beyond) [default: unlimited]
+    #[arg(long, env = "TIDEGATE_MAX_REQUEST_BODY", value_name = "SIZE", value_parser = parse_size)]
+    pub max_request_body: Option<ByteSize>,
+
+    /// Streams one HTTP/2 client connection may have open at once
+    #[arg(long, env = "TIDEGATE_H2_MAX_CONCURRENT_STREAMS", default_value_t = 128, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub h2_max_concurrent_streams: u32,
 
     /// What happens to the app's exchange when the client disconnects mid-request
     #[arg(long, env = "TIDEGATE_ON_CLIENT_ABORT", value_enum, default_value_t = ClientAbort::Finish)]
@@ -250,6 +284,18 @@ pub enum ConfigError {
     /// The admin token is empty or not a valid header value.
     #[error("--admin-token: must be non-empty printable ASCII without spaces")]
     AdminToken,
+    /// A size limit is outside the range tidegate can enforce.
+    #[error("--{name}: {value} is outside {min}..={max}")]
+    SizeRange {
+        /// The flag.
+        name: &'static str,
+        /// The value given.
+        value: ByteSize,
+        /// Smallest allowed.
+        min: ByteSize,
+        /// Largest allowed.
+        max: ByteSize,
+    },
     /// The command line itself is invalid.
     #[error("{0}")]
     Flags(String),
@@ -274,6 +320,12 @@ pub struct Config {
 /// The configuration in force, swapped whole on reload; readers take a snapshot per use.
 #[derive(Clone, Debug)]
 pub struct LiveConfig(Arc<ArcSwap<Config>>);
+
+/// Largest `--max-headers`: beyond it a request head would not fit `--max-header-bytes` anyway.
+const MAX_HEADERS_CEILING: i64 = 10_000;
+
+/// Largest `--max-header-bytes` hyper's HTTP/1 read buffer can hold with room to spare.
+pub const MAX_HEADER_BYTES_CEILING: ByteSize = ByteSize::kib(256);
 
 /// Settings that cannot change without a restart.
 const STATIC_SETTINGS: &[&str] = &[
@@ -321,6 +373,7 @@ impl Args {
             ("app-health-timeout", self.app_health_timeout),
             ("progress-window", self.progress_window),
             ("heartbeat-timeout", self.heartbeat_timeout),
+            ("idle-timeout", self.idle_timeout),
         ] {
             if value.is_zero() {
                 return Err(ConfigError::ZeroDuration(name));
@@ -328,6 +381,29 @@ impl Args {
         }
         if self.upstream_timeout.is_some_and(|d| d.is_zero()) {
             return Err(ConfigError::ZeroDuration("upstream-timeout"));
+        }
+        for (name, value, min, max) in [
+            (
+                "max-header-bytes",
+                self.max_header_bytes,
+                ByteSize::kib(1),
+                MAX_HEADER_BYTES_CEILING,
+            ),
+            (
+                "max-uri-bytes",
+                self.max_uri_bytes,
+                ByteSize::b(16),
+                self.max_header_bytes,
+            ),
+        ] {
+            if value < min || value > max {
+                return Err(ConfigError::SizeRange {
+                    name,
+                    value,
+                    min,
+                    max,
+                });
+            }
         }
         if let Some(token) = &self.admin_token
             && (token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()))
@@ -450,6 +526,7 @@ impl Config {
             max_queue: self.max_queue(),
             queue_timeout: self.args.queue_timeout,
             routes: self.args.routes.clone(),
+            max_request_body: self.args.max_request_body.map(|b| b.as_u64()),
         }
     }
 
@@ -542,6 +619,21 @@ pub(crate) fn parse_upstream(value: &str) -> Result<Upstream, String> {
             .map_err(|e| format!("{e}"))?
     };
     Ok(Upstream::Tcp { authority })
+}
+
+pub(crate) fn parse_size(value: &str) -> Result<ByteSize, String> {
+    value
+        .trim()
+        .parse::<ByteSize>()
+        .map_err(|e| format!("{e} (expected bytes or e.g. 64KiB, 10MiB)"))
+}
+
+pub(crate) fn parse_cidr(value: &str) -> Result<IpNet, String> {
+    let value = value.trim();
+    value
+        .parse::<IpNet>()
+        .or_else(|_| value.parse::<std::net::IpAddr>().map(IpNet::from))
+        .map_err(|_| format!("{value:?} is not an IP address or CIDR (e.g. 10.0.0.0/8)"))
 }
 
 fn parse_route(value: &str) -> Result<RouteSpec, String> {

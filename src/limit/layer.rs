@@ -9,7 +9,7 @@ use http::Request;
 use tower::{Layer, Service, ServiceExt};
 
 use super::{Admission, Limiter};
-use crate::error::BoxError;
+use crate::error::{BoxError, Rejected};
 
 /// A request that holds an [`Admission`]; the inner service must keep the admission alive
 /// until its exchange with the app is over.
@@ -80,9 +80,14 @@ where
         let mut inner = self.inner.clone();
         let limiter = self.limiter.clone();
         Box::pin(async move {
-            let admission = limiter
-                .acquire(request.method(), request.uri().path())
-                .await?;
+            let route = limiter.route(request.method(), request.uri().path());
+            // A body declared too large is refused before it takes a slot or a queue place.
+            if let Some(limit) = limiter.max_request_body(&route)
+                && declared_length(&request).is_some_and(|len| len > limit)
+            {
+                return Err(limiter.reject(Rejected::BodyTooLarge { limit }).into());
+            }
+            let admission = limiter.admit(route).await?;
             inner
                 .ready()
                 .await
@@ -92,6 +97,18 @@ where
                 .map_err(Into::into)
         })
     }
+}
+
+/// The request's `Content-Length`, if it has a valid one (hyper has already refused invalid or
+/// conflicting values on HTTP/1; on HTTP/2 the stream's data is checked against it).
+fn declared_length<B>(request: &Request<B>) -> Option<u64> {
+    request
+        .headers()
+        .get(http::header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
 }
 
 #[cfg(test)]
@@ -118,6 +135,7 @@ mod tests {
                 max_queue: q,
                 queue_timeout: Duration::from_secs(1),
                 routes: vec![],
+                max_request_body: None,
             },
             &metrics,
         );

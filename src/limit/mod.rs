@@ -26,7 +26,7 @@ use tokio::time::Instant;
 use self::gate::{Gate, UNLIMITED};
 pub use self::layer::{Admitted, Limit, LimitLayer, ResponseFuture};
 pub use self::route::{PathMatch, RouteSpec, RouteTable};
-use crate::error::{Overloaded, ShedReason};
+use crate::error::{Overloaded, Rejected, ShedReason};
 use crate::metrics::Metrics;
 
 /// Label used for requests that match no route.
@@ -43,6 +43,8 @@ pub struct LimitConfig {
     pub queue_timeout: Duration,
     /// Routes.
     pub routes: Vec<RouteSpec>,
+    /// Largest request body in bytes for requests whose route sets none; `None` is unlimited.
+    pub max_request_body: Option<u64>,
 }
 
 /// Process-wide admission state, cheap to clone.
@@ -58,7 +60,12 @@ pub struct Admission {
     route: Option<Arc<RouteState>>,
     global: Option<OwnedSemaphorePermit>,
     route_permit: Option<OwnedSemaphorePermit>,
+    max_request_body: Option<u64>,
 }
+
+/// The route a request belongs to, looked up once per request.
+#[derive(Debug, Clone)]
+pub struct RouteRef(Option<Arc<RouteState>>);
 
 #[derive(Debug)]
 struct Shared {
@@ -67,6 +74,8 @@ struct Shared {
     default_route: RouteCounters,
     max_queue: AtomicUsize,
     queue_timeout_ms: AtomicU64,
+    /// `--max-request-body` in bytes; `u64::MAX` is unlimited.
+    max_request_body: AtomicU64,
     queued: AtomicUsize,
     draining: AtomicBool,
     metrics: Arc<Metrics>,
@@ -129,6 +138,7 @@ impl Limiter {
             default_route: RouteCounters::new(metrics, DEFAULT_ROUTE),
             max_queue: AtomicUsize::new(config.max_queue),
             queue_timeout_ms: AtomicU64::new(config.queue_timeout.as_millis() as u64),
+            max_request_body: AtomicU64::new(u64::MAX),
             queued: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
             metrics: metrics.clone(),
@@ -145,6 +155,10 @@ impl Limiter {
         let shared = &self.shared;
         shared.global.resize(global_size(config));
         shared.max_queue.store(config.max_queue, Ordering::Release);
+        shared.max_request_body.store(
+            config.max_request_body.unwrap_or(u64::MAX),
+            Ordering::Release,
+        );
         shared
             .queue_timeout_ms
             .store(config.queue_timeout.as_millis() as u64, Ordering::Release);
@@ -203,18 +217,42 @@ impl Limiter {
         metrics.queue_limit.set(config.max_queue as i64);
     }
 
+    /// The route a `method` request for `path` belongs to.
+    pub fn route(&self, method: &Method, path: &str) -> RouteRef {
+        let routes = self.shared.routes.load();
+        RouteRef(
+            routes
+                .table
+                .find(&routes.specs, method, path)
+                .map(|i| routes.states[i].clone()),
+        )
+    }
+
+    /// The largest request body allowed on `route`, in bytes; `None` is unlimited.
+    pub fn max_request_body(&self, route: &RouteRef) -> Option<u64> {
+        route
+            .0
+            .as_ref()
+            .and_then(|r| r.spec.max_request_body)
+            .or_else(|| {
+                let global = self.shared.max_request_body.load(Ordering::Acquire);
+                (global != u64::MAX).then_some(global)
+            })
+    }
+
     /// Admits a `method` request for `path`, waiting in the queue if needed.
     ///
     /// Cancel-safe: dropping the future before it resolves leaves the queue and holds nothing.
     pub async fn acquire(&self, method: &Method, path: &str) -> Result<Admission, Overloaded> {
+        self.admit(self.route(method, path)).await
+    }
+
+    /// Admits a request on `route`, waiting in the queue if needed. Cancel-safe, like
+    /// [`Limiter::acquire`].
+    pub async fn admit(&self, route: RouteRef) -> Result<Admission, Overloaded> {
         let shared = &self.shared;
-        let route = {
-            let routes = shared.routes.load();
-            routes
-                .table
-                .find(&routes.specs, method, path)
-                .map(|i| routes.states[i].clone())
-        };
+        let max_request_body = self.max_request_body(&route);
+        let RouteRef(route) = route;
         let counters = route
             .as_ref()
             .map_or(&shared.default_route, |r| &r.slots.counters);
@@ -237,7 +275,7 @@ impl Limiter {
         };
         let route_ok = route.is_none() || route_permit.is_some();
         if route_ok && let Ok(global) = shared.global.semaphore().clone().try_acquire_owned() {
-            return Ok(shared.admit(route, global, route_permit));
+            return Ok(shared.admit(route, global, route_permit, max_request_body));
         }
 
         // Slow path: take a queue place or refuse at once.
@@ -286,12 +324,22 @@ impl Limiter {
                     .metrics
                     .queue_wait
                     .observe(start.elapsed().as_secs_f64());
-                Ok(shared.admit(route, global, route_permit))
+                Ok(shared.admit(route, global, route_permit, max_request_body))
             }
             // A semaphore is closed only when the drain gives up on queued requests.
             Ok(Err(())) => Err(refuse(ShedReason::Draining)),
             Err(_elapsed) => Err(refuse(ShedReason::QueueTimeout)),
         }
+    }
+
+    /// Counts a request refused for breaking a limit, and returns the refusal.
+    pub fn reject(&self, rejected: Rejected) -> Rejected {
+        self.shared
+            .metrics
+            .rejected
+            .with_label_values(&[rejected.as_str()])
+            .inc();
+        rejected
     }
 
     /// From now on every request is refused with `draining`.
@@ -332,6 +380,7 @@ impl Shared {
         route: Option<Arc<RouteState>>,
         global: OwnedSemaphorePermit,
         route_permit: Option<OwnedSemaphorePermit>,
+        max_request_body: Option<u64>,
     ) -> Admission {
         self.metrics.in_flight.inc();
         route
@@ -344,6 +393,7 @@ impl Shared {
             route,
             global: Some(global),
             route_permit,
+            max_request_body,
         }
     }
 
@@ -401,6 +451,11 @@ impl Drop for QueuePlace<'_> {
 // === impl Admission ===
 
 impl Admission {
+    /// The largest request body allowed, in bytes; `None` is unlimited.
+    pub fn max_request_body(&self) -> Option<u64> {
+        self.max_request_body
+    }
+
     /// The upstream timeout of the request's route, if it sets one.
     pub fn route_timeout(&self) -> Option<Duration> {
         self.route.as_ref().and_then(|r| r.spec.timeout)
@@ -439,6 +494,7 @@ mod tests {
                 .iter()
                 .map(|r| RouteSpec::parse_flag(r).unwrap())
                 .collect(),
+            max_request_body: None,
         }
     }
 

@@ -34,6 +34,8 @@ pub struct RouteSpec {
     pub timeout: Option<Duration>,
     /// `Retry-After` base for refusals on this route (overrides `--retry-after`).
     pub retry_after: Option<Duration>,
+    /// Largest request body in bytes on this route (overrides `--max-request-body`).
+    pub max_request_body: Option<u64>,
 }
 
 /// Routes ordered for matching.
@@ -137,6 +139,7 @@ impl RouteSpec {
             limit: Some(limit),
             timeout: None,
             retry_after: None,
+            max_request_body: None,
         })
     }
 
@@ -223,6 +226,7 @@ mod tests {
             limit: Some(1),
             timeout: None,
             retry_after: None,
+            max_request_body: None,
         });
         r.push(RouteSpec {
             name: "health".into(),
@@ -231,6 +235,7 @@ mod tests {
             limit: None,
             timeout: None,
             retry_after: None,
+            max_request_body: None,
         });
         assert_eq!(find(&r, Method::GET, "/api/health"), Some(2));
         assert_eq!(find(&r, Method::POST, "/api/users/export"), Some(1));

@@ -19,11 +19,12 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio_util::task::TaskTracker;
 use tower::Service;
 
-use crate::body::{ExchangeGuard, ResponseBody, UpstreamBody};
+use crate::body::{ExchangeGuard, RequestBody, ResponseBody, UpstreamBody};
 use crate::config::{ClientAbort, LiveConfig, Upstream};
 use crate::connect::Connector;
 use crate::error::{
-    BoxError, UpstreamConnect, UpstreamConnectTimeout, UpstreamReset, UpstreamTimeout, is_caused_by,
+    BoxError, Rejected, UpstreamConnect, UpstreamConnectTimeout, UpstreamReset, UpstreamTimeout,
+    find_cause, is_caused_by,
 };
 use crate::health::Progress;
 use crate::limit::Admitted;
@@ -45,11 +46,12 @@ pub type ResponseFuture =
 struct Settings {
     timeout: Option<Duration>,
     via: bool,
+    max_request_body: Option<u64>,
 }
 
 #[derive(Debug)]
 struct Shared {
-    client: Client<Connector, Incoming>,
+    client: Client<Connector, RequestBody>,
     authority: Authority,
     version: Version,
     live: LiveConfig,
@@ -126,6 +128,7 @@ impl Service<Admitted<Request<Incoming>>> for Proxy {
         let settings = Settings {
             timeout: admission.route_timeout().or(config.args.upstream_timeout),
             via: config.args.via,
+            max_request_body: admission.max_request_body(),
         };
         let on_abort = config.args.on_client_abort;
         let guard = ExchangeGuard::new(admission, shared.progress.clone(), on_abort);
@@ -161,8 +164,7 @@ impl Shared {
     ) -> Result<Response<ResponseBody>, BoxError> {
         let upgrade =
             headers::wants_upgrade(request.headers()).then(|| hyper::upgrade::on(&mut request));
-        let upstream_request =
-            self.upstream_request(request, client_addr, upgrade.is_some(), settings.via)?;
+        let upstream_request = self.upstream_request(request, client_addr, upgrade.is_some(), settings)?;
 
         let send = self.client.request(upstream_request);
         let result = match settings.timeout {
@@ -208,8 +210,8 @@ impl Shared {
         request: Request<Incoming>,
         client_addr: Option<SocketAddr>,
         upgrade: bool,
-        via: bool,
-    ) -> Result<Request<Incoming>, BoxError> {
+        settings: Settings,
+    ) -> Result<Request<RequestBody>, BoxError> {
         let (mut parts, body) = request.into_parts();
         let authority = parts.uri.authority().map(|a| a.as_str().to_owned());
         let path = parts
@@ -229,15 +231,23 @@ impl Shared {
             client_addr.map(|a| a.ip()),
             authority.as_deref(),
         );
-        if via {
+        if settings.via {
             headers::add_via(&mut parts.headers);
         }
+        let body = RequestBody::new(body, settings.max_request_body);
         Ok(Request::from_parts(parts, body))
     }
 
     fn classify(&self, error: hyper_util::client::legacy::Error) -> BoxError {
         let error: BoxError = Box::new(error);
-        if is_caused_by::<UpstreamConnectTimeout>(&*error) {
+        if let Some(rejected) = find_cause::<Rejected>(&*error) {
+            // The client's body failed (too large or malformed), not the app.
+            self.metrics
+                .rejected
+                .with_label_values(&[rejected.as_str()])
+                .inc();
+            error
+        } else if is_caused_by::<UpstreamConnectTimeout>(&*error) {
             self.count_error("connect-timeout");
             error
         } else if is_caused_by::<UpstreamConnect>(&*error) {

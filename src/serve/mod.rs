@@ -4,40 +4,55 @@
 //! (HTTP/1.x or h2c), then hyper serves it with a clone of the proxy stack. When shutdown
 //! starts, HTTP/2 connections get GOAWAY at once; HTTP/1.x connections are told to close when
 //! the drain starts (until then their responses carry `Connection: close`).
+//!
+//! Connection-level limits are read from the live configuration for each new connection:
+//! `--max-connections` (beyond it a connection is answered with a 503 and closed),
+//! `--idle-timeout`, `--header-read-timeout`, `--max-header-bytes`, `--max-headers` and
+//! `--h2-max-concurrent-streams`.
 
+mod activity;
 mod detect;
+mod refuse;
 
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
+use self::activity::{Activity, Expiry, Track, Watched};
 pub use self::detect::Protocol;
+use crate::config::{Config, LiveConfig};
 use crate::drain::{Lifecycle, Phase};
 use crate::metrics::Metrics;
 use crate::stack::ProxyStack;
 
-/// Settings of the proxy lane's server side.
-#[derive(Clone, Debug)]
-pub struct ServeConfig {
-    /// Time a client has for its first bytes and for each request head.
-    pub header_read_timeout: Duration,
-}
+/// hyper's default for `max_headers`; setting any value moves the header array to the heap.
+const HYPER_DEFAULT_MAX_HEADERS: u32 = 100;
+/// HTTP/2 streams a client may reset before the server has accepted them, per connection,
+/// before the connection is closed with `ENHANCE_YOUR_CALM` (the CVE-2023-44487 "rapid
+/// reset" guard).
+pub const H2_MAX_PENDING_ACCEPT_RESETS: usize = 20;
+/// HTTP/2 streams the server may reset because of the client's protocol errors, per
+/// connection, before it closes the connection.
+pub const H2_MAX_LOCAL_ERROR_RESETS: usize = 1024;
 
 /// Everything a connection task needs, shared.
 #[derive(Clone, Debug)]
 struct Context {
     stack: ProxyStack,
-    config: ServeConfig,
+    live: LiveConfig,
     lifecycle: Lifecycle,
     metrics: Arc<Metrics>,
+    open: Arc<AtomicUsize>,
 }
 
 /// A hyper connection that can be asked to finish gracefully.
@@ -46,7 +61,20 @@ trait Drainable: Future<Output = Result<(), hyper::Error>> {
 }
 
 /// Counts an open connection for as long as it lives.
-struct OpenConnection(Arc<Metrics>);
+struct OpenConnection {
+    metrics: Arc<Metrics>,
+    open: Arc<AtomicUsize>,
+}
+
+/// Per-connection settings, read from the live configuration when the connection starts.
+#[derive(Copy, Clone, Debug)]
+struct ConnSettings {
+    idle_timeout: Duration,
+    header_read_timeout: Duration,
+    max_header_bytes: usize,
+    max_headers: u32,
+    h2_max_concurrent_streams: u32,
+}
 
 /// Accepts connections until the drain starts, spawning each on `connections`.
 ///
@@ -54,17 +82,19 @@ struct OpenConnection(Arc<Metrics>);
 pub async fn serve(
     listener: TcpListener,
     stack: ProxyStack,
-    config: ServeConfig,
+    live: LiveConfig,
     lifecycle: Lifecycle,
     metrics: Arc<Metrics>,
     connections: TaskTracker,
 ) {
     let cx = Context {
         stack,
-        config,
+        live,
         lifecycle: lifecycle.clone(),
         metrics,
+        open: Arc::new(AtomicUsize::new(0)),
     };
+    let refusals = refuse::Refusals::default();
     let drain = lifecycle.reached(Phase::Drain);
     tokio::pin!(drain);
     let mut logged_accept_error = false;
@@ -76,23 +106,40 @@ pub async fn serve(
         };
         match accepted {
             Ok((stream, _addr)) => {
-                logged_accept_error = false;
-                connections.spawn(connection(stream, cx.clone()));
+                if logged_accept_error {
+                    tracing::info!("Accepting connections again");
+                    logged_accept_error = false;
+                }
+                let config = cx.live.load();
+                let max = config.args.max_connections as usize;
+                cx.metrics.connections_limit.set(max as i64);
+                match OpenConnection::reserve(&cx, max) {
+                    Some(open) => {
+                        connections.spawn(connection(stream, cx.clone(), open, &config));
+                    }
+                    None => {
+                        cx.metrics.connections_rejected.inc();
+                        refusals.refuse(stream, config.args.retry_after);
+                    }
+                }
             }
             Err(error) if is_per_connection(&error) => continue,
             Err(error) => {
                 // Out of file descriptors or memory: back off instead of spinning, log once.
                 if !logged_accept_error {
-                    tracing::error!(%error, "Accept failed; backing off");
+                    tracing::error!(%error, "Accept failed; backing off until it succeeds");
                     logged_accept_error = true;
                 }
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
             }
         }
     }
     drop(listener);
     tracing::info!("Proxy listener closed");
 }
+
+/// Pause after an accept error that is not about one connection (EMFILE, ENFILE, ENOMEM).
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
 fn is_per_connection(error: &io::Error) -> bool {
     matches!(
@@ -104,16 +151,37 @@ fn is_per_connection(error: &io::Error) -> bool {
     )
 }
 
-async fn connection(stream: TcpStream, cx: Context) {
+fn connection(
+    stream: TcpStream,
+    cx: Context,
+    open: OpenConnection,
+    config: &Config,
+) -> impl Future<Output = ()> + Send + 'static {
+    let a = &config.args;
+    let settings = ConnSettings {
+        idle_timeout: a.idle_timeout,
+        header_read_timeout: a.header_read_timeout,
+        max_header_bytes: a.max_header_bytes.as_u64() as usize,
+        max_headers: a.max_headers,
+        h2_max_concurrent_streams: a.h2_max_concurrent_streams,
+    };
+    serve_connection(stream, cx, open, settings)
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    cx: Context,
+    _open: OpenConnection,
+    settings: ConnSettings,
+) {
+    let accepted = Instant::now();
     let Ok(client_addr) = stream.peer_addr() else {
         return;
     };
     let _ = stream.set_nodelay(true);
     cx.metrics.connections_total.inc();
-    cx.metrics.connections_open.inc();
-    let _open = OpenConnection(cx.metrics.clone());
 
-    let detected = tokio::time::timeout(cx.config.header_read_timeout, detect::detect(stream));
+    let detected = tokio::time::timeout(settings.header_read_timeout, detect::detect(stream));
     let (protocol, io) = match detected.await {
         Ok(Ok(Some(found))) => found,
         Ok(Ok(None)) => return,
@@ -122,28 +190,56 @@ async fn connection(stream: TcpStream, cx: Context) {
             return;
         }
         Err(_elapsed) => {
+            cx.metrics
+                .connections_timed_out
+                .with_label_values(&["header"])
+                .inc();
             tracing::debug!(client.addr = %client_addr, "No request bytes before the header read timeout");
             return;
         }
     };
-    let service = TowerToHyperService::new(cx.stack.service(client_addr));
-    let io = TokioIo::new(io);
+    let activity = Activity::new(accepted);
+    let service = TowerToHyperService::new(Track::new(
+        cx.stack.service(client_addr),
+        activity.clone(),
+    ));
+    let io = TokioIo::new(Watched::new(io, activity.clone()));
+    let watch = Watch {
+        activity: &activity,
+        idle_timeout: settings.idle_timeout,
+        header_timeout: None,
+        metrics: &cx.metrics,
+    };
     let result = match protocol {
         Protocol::Http1 => {
-            let conn = http1::Builder::new()
+            let mut builder = http1::Builder::new();
+            builder
                 .timer(TokioTimer::new())
-                .header_read_timeout(cx.config.header_read_timeout)
+                // Head and idle timeouts are ours (see `activity`): hyper's timer would cut
+                // idle keep-alive connections after the head timeout.
+                .header_read_timeout(None)
                 .keep_alive(true)
-                .serve_connection(io, service)
-                .with_upgrades();
-            drive(conn, Phase::Drain, &cx.lifecycle).await
+                .max_header_size(settings.max_header_bytes);
+            if settings.max_headers != HYPER_DEFAULT_MAX_HEADERS {
+                builder.max_headers(settings.max_headers as usize);
+            }
+            let conn = builder.serve_connection(io, service).with_upgrades();
+            let watch = Watch {
+                header_timeout: Some(settings.header_read_timeout),
+                ..watch
+            };
+            drive(conn, Phase::Drain, &cx.lifecycle, watch).await
         }
         Protocol::Http2 => {
             let conn = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
+                .max_concurrent_streams(settings.h2_max_concurrent_streams)
+                .max_header_list_size(settings.max_header_bytes as u32)
+                .max_pending_accept_reset_streams(H2_MAX_PENDING_ACCEPT_RESETS)
+                .max_local_error_reset_streams(H2_MAX_LOCAL_ERROR_RESETS)
                 .serve_connection(io, service);
             // GOAWAY as soon as shutdown starts, so h2 clients open new streams elsewhere.
-            drive(conn, Phase::Delay, &cx.lifecycle).await
+            drive(conn, Phase::Delay, &cx.lifecycle, watch).await
         }
     };
     if let Err(error) = result {
@@ -151,17 +247,62 @@ async fn connection(stream: TcpStream, cx: Context) {
     }
 }
 
-/// Runs `conn`, asking it to finish gracefully once the lifecycle reaches `drain_at`.
+/// A connection's timeouts, as the driver applies them.
+#[derive(Copy, Clone)]
+struct Watch<'a> {
+    activity: &'a Activity,
+    idle_timeout: Duration,
+    header_timeout: Option<Duration>,
+    metrics: &'a Metrics,
+}
+
+/// Runs `conn`, asking it to finish gracefully once the lifecycle reaches `drain_at` or the
+/// connection has been idle too long; a request head that is too slow closes it at once.
 async fn drive<C: Drainable>(
     conn: C,
     drain_at: Phase,
     lifecycle: &Lifecycle,
+    watch: Watch<'_>,
 ) -> Result<(), hyper::Error> {
     tokio::pin!(conn);
     let reached = lifecycle.reached(drain_at);
-    tokio::select! {
-        result = conn.as_mut() => return result,
-        _ = reached => {}
+    tokio::pin!(reached);
+    loop {
+        let deadline = watch
+            .activity
+            .deadline(watch.idle_timeout, watch.header_timeout);
+        let expiry = async {
+            match deadline {
+                Some((at, expiry)) => {
+                    tokio::time::sleep_until(at).await;
+                    expiry
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            result = conn.as_mut() => return result,
+            _ = &mut reached => break,
+            _ = watch.activity.changed() => continue,
+            expiry = expiry => {
+                // The state may have changed since the deadline was computed.
+                if watch.activity.deadline(watch.idle_timeout, watch.header_timeout)
+                    .is_none_or(|(at, _)| at > Instant::now())
+                {
+                    continue;
+                }
+                let reason = match expiry {
+                    Expiry::Idle => "idle",
+                    Expiry::Header => "header",
+                };
+                watch.metrics.connections_timed_out.with_label_values(&[reason]).inc();
+                if expiry == Expiry::Header {
+                    // hyper has no request to answer yet: close the socket.
+                    return Ok(());
+                }
+                break;
+            }
+        }
     }
     conn.as_mut().drain();
     conn.await
@@ -194,8 +335,27 @@ where
     }
 }
 
+// === impl OpenConnection ===
+
+impl OpenConnection {
+    /// Takes one of `max` connection places, or `None` if all are taken.
+    fn reserve(cx: &Context, max: usize) -> Option<OpenConnection> {
+        cx.open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()?;
+        cx.metrics.connections_open.inc();
+        Some(OpenConnection {
+            metrics: cx.metrics.clone(),
+            open: cx.open.clone(),
+        })
+    }
+}
+
 impl Drop for OpenConnection {
     fn drop(&mut self) {
-        self.0.connections_open.dec();
+        self.open.fetch_sub(1, Ordering::AcqRel);
+        self.metrics.connections_open.dec();
     }
 }

@@ -1,0 +1,339 @@
+//! What one client connection is doing, for its two timeouts.
+//!
+//! A connection is *busy* while a request is in flight (from the moment its head is parsed to
+//! the moment its response body is done) and *idle* otherwise. An idle connection is closed
+//! after `--idle-timeout`; once the first byte of a new request head arrives on an idle
+//! HTTP/1 connection, the whole head must arrive within `--header-read-timeout`. hyper's own
+//! header timer cannot tell the two apart (it starts when hyper waits for a head, so it also
+//! cuts idle keep-alive connections), hence this tracker: the IO wrapper [`Watched`] notes
+//! reads, the service wrapper [`Track`] notes request boundaries.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tower::Service;
+
+/// `head_since` when no request head has started.
+const NONE: u64 = u64::MAX;
+
+/// Shared between a connection's IO, its service and its driver.
+#[derive(Debug)]
+pub(super) struct Activity {
+    epoch: Instant,
+    in_flight: AtomicUsize,
+    /// When the last request finished (ms since `epoch`); meaningful while none is in flight.
+    idle_since: AtomicU64,
+    /// When the first byte of the next request head arrived (ms since `epoch`), or [`NONE`].
+    head_since: AtomicU64,
+    changed: Notify,
+}
+
+/// Why the driver should close a connection now.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub(super) enum Expiry {
+    /// No request for `--idle-timeout`: close gracefully.
+    Idle,
+    /// A request head took longer than `--header-read-timeout`: close at once.
+    Header,
+}
+
+/// Counts one request in flight until dropped (with its response body).
+#[derive(Debug)]
+pub(super) struct InFlight(Arc<Activity>);
+
+pin_project! {
+    /// An IO that reports reads to its [`Activity`].
+    #[derive(Debug)]
+    pub(super) struct Watched<T> {
+        #[pin]
+        inner: T,
+        activity: Arc<Activity>,
+    }
+}
+
+/// A service wrapper that counts each request in flight until its response body is done.
+#[derive(Debug, Clone)]
+pub(super) struct Track<S> {
+    inner: S,
+    activity: Arc<Activity>,
+}
+
+pin_project! {
+    /// Future of [`Track`].
+    pub(super) struct TrackFuture<F> {
+        #[pin]
+        inner: F,
+        in_flight: Option<InFlight>,
+    }
+}
+
+pin_project! {
+    /// A response body that holds its request's [`InFlight`] until it is dropped.
+    #[derive(Debug)]
+    pub(super) struct TrackedBody<B> {
+        #[pin]
+        inner: B,
+        in_flight: Option<InFlight>,
+    }
+}
+
+// === impl Activity ===
+
+impl Activity {
+    /// A connection accepted at `accepted`, whose first request head has started arriving.
+    pub(super) fn new(accepted: Instant) -> Arc<Activity> {
+        Arc::new(Activity {
+            epoch: accepted,
+            in_flight: AtomicUsize::new(0),
+            idle_since: AtomicU64::new(0),
+            head_since: AtomicU64::new(0),
+            changed: Notify::new(),
+        })
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// A request head was parsed: the connection is busy until the returned guard drops.
+    pub(super) fn start_request(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.head_since.store(NONE, Ordering::Release);
+        self.changed.notify_one();
+        InFlight(self.clone())
+    }
+
+    fn on_read(&self) {
+        if self.in_flight.load(Ordering::Acquire) == 0
+            && self
+                .head_since
+                .compare_exchange(NONE, self.now_ms(), Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            self.changed.notify_one();
+        }
+    }
+
+    /// When the connection expires if nothing changes, and why; `None` while busy.
+    /// `header_timeout` is `None` where it does not apply (HTTP/2).
+    pub(super) fn deadline(
+        &self,
+        idle_timeout: Duration,
+        header_timeout: Option<Duration>,
+    ) -> Option<(Instant, Expiry)> {
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        let head = self.head_since.load(Ordering::Acquire);
+        let at = |ms: u64, after: Duration| self.epoch + Duration::from_millis(ms) + after;
+        match header_timeout {
+            Some(timeout) if head != NONE => Some((at(head, timeout), Expiry::Header)),
+            _ => Some((
+                at(self.idle_since.load(Ordering::Acquire), idle_timeout),
+                Expiry::Idle,
+            )),
+        }
+    }
+
+    /// Resolves when a request starts or ends, or a new head starts arriving.
+    pub(super) async fn changed(&self) {
+        self.changed.notified().await;
+    }
+}
+
+// === impl InFlight ===
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let activity = &self.0;
+        if activity.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            activity
+                .idle_since
+                .store(activity.now_ms(), Ordering::Release);
+            activity.head_since.store(NONE, Ordering::Release);
+            activity.changed.notify_one();
+        }
+    }
+}
+
+// === impl Watched ===
+
+impl<T> Watched<T> {
+    /// Wraps `inner`, reporting its reads to `activity`.
+    pub(super) fn new(inner: T, activity: Arc<Activity>) -> Watched<T> {
+        Watched { inner, activity }
+    }
+}
+
+impl<T: AsyncRead> AsyncRead for Watched<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        ready!(this.inner.poll_read(cx, buf))?;
+        if buf.filled().len() > before {
+            this.activity.on_read();
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<T: AsyncWrite> AsyncWrite for Watched<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
+    }
+}
+
+// === impl Track ===
+
+impl<S> Track<S> {
+    /// Wraps the connection's service.
+    pub(super) fn new(inner: S, activity: Arc<Activity>) -> Track<S> {
+        Track { inner, activity }
+    }
+}
+
+impl<S, B, R> Service<Request<B>> for Track<S>
+where
+    S: Service<Request<B>, Response = Response<R>>,
+{
+    type Response = Response<TrackedBody<R>>;
+    type Error = S::Error;
+    type Future = TrackFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let in_flight = self.activity.start_request();
+        TrackFuture {
+            inner: self.inner.call(request),
+            in_flight: Some(in_flight),
+        }
+    }
+}
+
+impl<F, R, E> Future for TrackFuture<F>
+where
+    F: Future<Output = Result<Response<R>, E>>,
+{
+    type Output = Result<Response<TrackedBody<R>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let response = ready!(this.inner.poll(cx))?;
+        let in_flight = this.in_flight.take();
+        Poll::Ready(Ok(response.map(|inner| TrackedBody { inner, in_flight })))
+    }
+}
+
+// === impl TrackedBody ===
+
+impl<B: Body> Body for TrackedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        self.project().inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const IDLE: Duration = Duration::from_secs(60);
+    const HEAD: Duration = Duration::from_secs(5);
+
+    #[tokio::test(start_paused = true)]
+    async fn busy_idle_and_head_deadlines() {
+        let start = Instant::now();
+        let activity = Activity::new(start);
+        // The first head is arriving from the start.
+        assert_eq!(
+            activity.deadline(IDLE, Some(HEAD)),
+            Some((start + HEAD, Expiry::Header))
+        );
+        let request = activity.start_request();
+        assert_eq!(activity.deadline(IDLE, Some(HEAD)), None, "busy");
+        tokio::time::advance(Duration::from_secs(100)).await;
+        drop(request);
+        let idle_from = start + Duration::from_secs(100);
+        assert_eq!(
+            activity.deadline(IDLE, Some(HEAD)),
+            Some((idle_from + IDLE, Expiry::Idle))
+        );
+        tokio::time::advance(Duration::from_secs(30)).await;
+        activity.on_read();
+        assert_eq!(
+            activity.deadline(IDLE, Some(HEAD)),
+            Some((idle_from + Duration::from_secs(30) + HEAD, Expiry::Header))
+        );
+        // HTTP/2 has no head timeout: reads (PINGs, SETTINGS) do not keep it alive either.
+        assert_eq!(
+            activity.deadline(IDLE, None),
+            Some((idle_from + IDLE, Expiry::Idle))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_starts_when_the_last_of_several_requests_ends() {
+        let activity = Activity::new(Instant::now());
+        let a = activity.start_request();
+        let b = activity.start_request();
+        drop(a);
+        assert_eq!(activity.deadline(IDLE, None), None);
+        drop(b);
+        assert!(activity.deadline(IDLE, None).is_some());
+    }
+}
