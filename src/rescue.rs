@@ -19,14 +19,14 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::header::{self, HeaderName, HeaderValue};
-use http::{Response, StatusCode};
+use http::{Request, Response, StatusCode, Version};
 use tower::{Layer, Service};
 
 use crate::body::ResponseBody;
 use crate::config::LiveConfig;
 use crate::error::{
-    BoxError, Overloaded, Rejected, UpstreamConnect, UpstreamConnectTimeout, UpstreamReset, UpstreamTimeout,
-    find_cause, is_caused_by,
+    BoxError, Overloaded, Rejected, UpstreamConnect, UpstreamConnectTimeout, UpstreamReset,
+    UpstreamTimeout, find_cause, is_caused_by,
 };
 
 /// Header naming why tidegate refused a request.
@@ -98,9 +98,9 @@ impl<S> Layer<S> for RescueLayer {
 
 // === impl Rescue ===
 
-impl<S, R> Service<R> for Rescue<S>
+impl<S, B> Service<Request<B>> for Rescue<S>
 where
-    S: Service<R, Response = Response<ResponseBody>, Error = BoxError>,
+    S: Service<Request<B>, Response = Response<ResponseBody>, Error = BoxError>,
     S::Future: Send + 'static,
 {
     type Response = Response<ResponseBody>;
@@ -116,7 +116,8 @@ where
         }
     }
 
-    fn call(&mut self, request: R) -> ResponseFuture {
+    fn call(&mut self, request: Request<B>) -> ResponseFuture {
+        let http1 = request.version() <= Version::HTTP_11;
         let fut = self.inner.call(request);
         let live = self.live.clone();
         Box::pin(async move {
@@ -128,7 +129,15 @@ where
                         base: config.args.retry_after,
                         jitter: config.args.retry_after_jitter,
                     };
-                    to_response(&*error, retry_after)
+                    let mut response = to_response(&*error, retry_after);
+                    // A client that broke the protocol or a limit does not get to send more on
+                    // this connection (its framing may be off).
+                    if http1 && is_caused_by::<Rejected>(&*error) {
+                        response
+                            .headers_mut()
+                            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                    }
+                    response
                 }
             })
         })

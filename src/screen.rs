@@ -105,7 +105,10 @@ pub struct Limits {
 impl Limits {
     /// Whether `request` may go on to admission, or why not.
     pub fn check<B>(&self, request: &Request<B>) -> Result<(), Rejected> {
-        let target = request.uri().path_and_query().map_or(1, |pq| pq.as_str().len());
+        let target = request
+            .uri()
+            .path_and_query()
+            .map_or(1, |pq| pq.as_str().len());
         if target as u64 > self.max_uri_bytes {
             return Err(Rejected::UriTooLong {
                 limit: self.max_uri_bytes,

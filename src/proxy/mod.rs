@@ -164,7 +164,8 @@ impl Shared {
     ) -> Result<Response<ResponseBody>, BoxError> {
         let upgrade =
             headers::wants_upgrade(request.headers()).then(|| hyper::upgrade::on(&mut request));
-        let upstream_request = self.upstream_request(request, client_addr, upgrade.is_some(), settings)?;
+        let upstream_request =
+            self.upstream_request(request, client_addr, upgrade.is_some(), settings)?;
 
         let send = self.client.request(upstream_request);
         let result = match settings.timeout {

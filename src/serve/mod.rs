@@ -199,10 +199,8 @@ async fn serve_connection(
         }
     };
     let activity = Activity::new(accepted);
-    let service = TowerToHyperService::new(Track::new(
-        cx.stack.service(client_addr),
-        activity.clone(),
-    ));
+    let service =
+        TowerToHyperService::new(Track::new(cx.stack.service(client_addr), activity.clone()));
     let io = TokioIo::new(Watched::new(io, activity.clone()));
     let watch = Watch {
         activity: &activity,

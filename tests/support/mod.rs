@@ -578,3 +578,31 @@ pub async fn probe_for(admin: SocketAddr, path: &'static str, duration: Duration
     .await
     .unwrap()
 }
+
+// ===== raw sockets =====
+
+/// Writes `payload` on a fresh connection to `addr` and reads until the server closes it (or
+/// `within` passes). Returns what was read and whether the server closed the connection.
+pub async fn raw_exchange(addr: SocketAddr, payload: &[u8], within: Duration) -> (String, bool) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(payload).await.unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 8192];
+    let deadline = tokio::time::Instant::now() + within;
+    let closed = loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Err(_elapsed) => break false,
+            Ok(Ok(0)) | Ok(Err(_)) => break true,
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+        }
+    };
+    (String::from_utf8_lossy(&out).into_owned(), closed)
+}
+
+/// The status codes of the HTTP/1.1 responses in `text`, in order.
+pub fn statuses(text: &str) -> Vec<u16> {
+    text.match_indices("HTTP/1.1 ")
+        .filter_map(|(i, _)| text.get(i + 9..i + 12)?.parse().ok())
+        .collect()
+}
