@@ -84,6 +84,13 @@ pub fn check(args: &CheckArgs) -> Result<Report, InputError> {
     Ok(check_objects(&objects))
 }
 
+/// Checks the YAML documents in `text` (named `source` in findings), as read from one file.
+pub fn check_str(source: &str, text: &str) -> Result<Report, InputError> {
+    let mut objects = Vec::new();
+    manifest::parse_documents(source, text, &mut objects)?;
+    Ok(check_objects(&objects))
+}
+
 fn check_objects(objects: &[manifest::Object]) -> Report {
     let pods = manifest::tidegate_pods(objects);
     let mut findings = Vec::new();

@@ -174,6 +174,7 @@ fn invalid(path: &Path, text: &str, error: &toml::de::Error) -> FileError {
         .nth(line.saturating_sub(1))
         .and_then(|l| l.split_once('='))
         .map(|(key, _)| key.trim().to_owned())
+        .filter(|key| !key.is_empty())
         .unwrap_or_else(|| "(file)".to_owned());
     FileError::Invalid {
         path: path.to_owned(),
@@ -389,6 +390,8 @@ mod tests {
                 "route[0].max_concurrency:",
             ),
             ("[[route]]\nprefix = \"/a\"\ncolour = \"red\"\n", "colour"),
+            // Found by tests/fuzz.rs: a line with no key still names something.
+            ("=\n", ":1: (file):"),
         ];
         for (text, want) in cases {
             let err = parse(text).unwrap_err();
