@@ -21,6 +21,8 @@ fn main() -> ExitCode {
         eprintln!("tidegate: {}", chain(&error));
         return ExitCode::from(EXIT_CONFIG as u8);
     }
+    let nofile = tidegate::serve::raise_fd_limit();
+    tracing::debug!(?nofile, "File descriptor limit");
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.worker_threads())
         .thread_name("tidegate-proxy")

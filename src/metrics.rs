@@ -60,6 +60,8 @@ pub struct Metrics {
     /// `tidegate_requests_rejected_total{reason}`: requests refused for breaking a limit or the
     /// protocol, before they reached the app (or before their body did).
     pub rejected: IntCounterVec,
+    /// `tidegate_runtime_tasks`: tasks alive on the proxy runtime (sampled with the heartbeat).
+    pub runtime_tasks: IntGauge,
     /// `tidegate_app_health_checks_total{result}`: active checks of the app.
     pub app_health_checks: IntCounterVec,
     /// `tidegate_app_health_check_duration_seconds`.
@@ -265,6 +267,13 @@ impl Metrics {
                         "Requests refused for breaking a limit or the protocol, by reason",
                     ),
                     &["reason"],
+                )?,
+            )?,
+            runtime_tasks: reg(
+                r,
+                IntGauge::new(
+                    "tidegate_runtime_tasks",
+                    "Tasks alive on the proxy runtime (connections, exchanges, timers)",
                 )?,
             )?,
             app_health_checks: reg(

@@ -238,12 +238,15 @@ impl Running {
             .map(|path| tokio::spawn(reloader.watch(path, CONFIG_POLL)));
         let heartbeat = tokio::spawn({
             let stamp = health.heartbeat().clone();
+            let metrics = metrics.clone();
             async move {
+                let runtime = tokio::runtime::Handle::current().metrics();
                 let mut tick = tokio::time::interval(HEARTBEAT_PERIOD);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
                     tick.tick().await;
                     stamp.record();
+                    metrics.runtime_tasks.set(runtime.num_alive_tasks() as i64);
                 }
             }
         });

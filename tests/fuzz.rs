@@ -598,7 +598,7 @@ proptest! {
         prop_assert_eq!(SERVER_PANICS.load(Ordering::SeqCst), 0, "a connection task panicked");
         // Every so often, a valid request must still be served.
         static CASE: AtomicUsize = AtomicUsize::new(0);
-        if CASE.fetch_add(1, Ordering::Relaxed) % 32 == 0 {
+        if CASE.fetch_add(1, Ordering::Relaxed).is_multiple_of(32) {
             prop_assert_eq!(still_serving(live), [200]);
         }
     }

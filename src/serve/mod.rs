@@ -12,6 +12,7 @@
 
 mod activity;
 mod detect;
+mod fds;
 mod refuse;
 
 use std::future::Future;
@@ -30,6 +31,7 @@ use tokio_util::task::TaskTracker;
 
 use self::activity::{Activity, Expiry, Track, Watched};
 pub use self::detect::Protocol;
+pub use self::fds::raise_limit as raise_fd_limit;
 use crate::config::{Config, LiveConfig};
 use crate::drain::{Lifecycle, Phase};
 use crate::metrics::Metrics;
@@ -95,6 +97,8 @@ pub async fn serve(
         open: Arc::new(AtomicUsize::new(0)),
     };
     let refusals = refuse::Refusals::default();
+    let nofile = fds::soft_limit();
+    let mut warned_ceiling = false;
     let drain = lifecycle.reached(Phase::Drain);
     tokio::pin!(drain);
     let mut logged_accept_error = false;
@@ -111,7 +115,19 @@ pub async fn serve(
                     logged_accept_error = false;
                 }
                 let config = cx.live.load();
-                let max = config.args.max_connections as usize;
+                let configured = config.args.max_connections as usize;
+                let max = nofile.map_or(configured, |n| {
+                    configured.min(fds::connection_ceiling(n, config.args.max_concurrency))
+                });
+                if max < configured && !warned_ceiling {
+                    tracing::warn!(
+                        max_connections = configured,
+                        allowed = max,
+                        "The file descriptor limit allows fewer connections than \
+                         --max-connections; raise the container's nofile limit"
+                    );
+                    warned_ceiling = true;
+                }
                 cx.metrics.connections_limit.set(max as i64);
                 match OpenConnection::reserve(&cx, max) {
                     Some(open) => {
