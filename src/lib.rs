@@ -19,6 +19,8 @@
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 #![warn(missing_docs, unreachable_pub)]
+// Input-dependent paths must not panic: errors are typed and answered (tests may unwrap).
+#![deny(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod admin;
 pub mod body;

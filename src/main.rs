@@ -1,6 +1,7 @@
 //! The `tidegate` binary: parse flags, set up logging, build the proxy runtime, run.
 
 #![forbid(unsafe_code)]
+#![deny(clippy::unwrap_used, clippy::expect_used)]
 
 use std::process::ExitCode;
 

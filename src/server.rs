@@ -63,6 +63,8 @@ pub struct Server {
     health: HealthState,
     proxy_listener: std::net::TcpListener,
     admin_listener: std::net::TcpListener,
+    proxy_addr: SocketAddr,
+    admin_addr: SocketAddr,
 }
 
 /// A started server: the admin lane runs; [`Running::run`] serves the proxy lane.
@@ -85,8 +87,8 @@ pub struct Running {
 impl Server {
     /// Binds both listeners (port 0 picks a free port) and builds the shared state.
     pub fn bind(config: Config) -> Result<Server, StartError> {
-        let proxy_listener = bind("listen", config.args.listen)?;
-        let admin_listener = bind("admin-listen", config.args.admin_listen)?;
+        let (proxy_listener, proxy_addr) = bind("listen", config.args.listen)?;
+        let (admin_listener, admin_addr) = bind("admin-listen", config.args.admin_listen)?;
         let metrics = Arc::new(Metrics::new()?);
         let lifecycle = Lifecycle::new();
         let limiter = Limiter::new(&config.limit_config(), &metrics);
@@ -111,17 +113,19 @@ impl Server {
             health,
             proxy_listener,
             admin_listener,
+            proxy_addr,
+            admin_addr,
         })
     }
 
     /// The proxy listener's address.
     pub fn proxy_addr(&self) -> SocketAddr {
-        local_addr(&self.proxy_listener)
+        self.proxy_addr
     }
 
     /// The admin listener's address.
     pub fn admin_addr(&self) -> SocketAddr {
-        local_addr(&self.admin_listener)
+        self.admin_addr
     }
 
     /// The shutdown lifecycle, to start a drain from outside (signals, tests).
@@ -192,17 +196,15 @@ impl Server {
     }
 }
 
-fn bind(flag: &'static str, addr: SocketAddr) -> Result<std::net::TcpListener, StartError> {
-    let listener = std::net::TcpListener::bind(addr)
+/// Binds `addr` (for `--flag`); returns the listener and the address it got.
+fn bind(
+    flag: &'static str,
+    addr: SocketAddr,
+) -> Result<(std::net::TcpListener, SocketAddr), StartError> {
+    std::net::TcpListener::bind(addr)
         .and_then(|l| l.set_nonblocking(true).map(|()| l))
-        .map_err(|source| StartError::Bind { flag, addr, source })?;
-    Ok(listener)
-}
-
-fn local_addr(listener: &std::net::TcpListener) -> SocketAddr {
-    listener
-        .local_addr()
-        .expect("a bound listener must have a local address")
+        .and_then(|l| l.local_addr().map(|local| (l, local)))
+        .map_err(|source| StartError::Bind { flag, addr, source })
 }
 
 // === impl Running ===
