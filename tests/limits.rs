@@ -509,3 +509,36 @@ fn limit_flags_are_validated_by_name() {
     assert_eq!(ok.args.max_request_body.unwrap().as_u64(), 10 * 1024 * 1024);
     assert_eq!(ok.args.admin_allow.len(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_still_sending_gets_its_413_not_a_reset() {
+    // The client writes its whole body before reading, as most do without Expect:
+    // 100-continue. tidegate answers 413 after the head; closing at once would reset the
+    // connection under the response (unread bytes), so it lingers, discarding the rest.
+    let app = ok_upstream().await;
+    let tg = tidegate(app.addr, &["--max-request-body", "64KiB"]).await;
+    let body = vec![b'x'; 4 << 20];
+    let mut stream = TcpStream::connect(tg.addr).await.unwrap();
+    stream
+        .write_all(
+            format!(
+                "POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    stream
+        .write_all(&body)
+        .await
+        .expect("the upload must not be reset mid-way");
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut response))
+        .await
+        .expect("closed within the linger time")
+        .expect("no reset");
+    let text = String::from_utf8_lossy(&response);
+    assert_eq!(statuses(&text), [413], "{text}");
+    assert_eq!(app.hits.load(Ordering::SeqCst), 0);
+}

@@ -13,6 +13,7 @@
 mod activity;
 mod detect;
 mod fds;
+mod linger;
 mod refuse;
 
 use std::future::Future;
@@ -32,6 +33,8 @@ use tokio_util::task::TaskTracker;
 use self::activity::{Activity, Expiry, Track, Watched};
 pub use self::detect::Protocol;
 pub use self::fds::raise_limit as raise_fd_limit;
+pub use self::linger::LINGER;
+use self::linger::Linger;
 use crate::config::{Config, LiveConfig};
 use crate::drain::{Lifecycle, Phase};
 use crate::metrics::Metrics;
@@ -217,7 +220,7 @@ async fn serve_connection(
     let activity = Activity::new(accepted);
     let service =
         TowerToHyperService::new(Track::new(cx.stack.service(client_addr), activity.clone()));
-    let io = TokioIo::new(Watched::new(io, activity.clone()));
+    let io = TokioIo::new(Watched::new(Linger::new(io), activity.clone()));
     let watch = Watch {
         activity: &activity,
         idle_timeout: settings.idle_timeout,

@@ -1,0 +1,151 @@
+//! Lingering close. When tidegate closes a connection while the client is still sending (a 413
+//! for a body too large, a 400, a `Connection: close` during shutdown), closing the socket with
+//! unread bytes makes the kernel send a reset, and the client may lose the response it has
+//! not read yet. So shutting down sends FIN first, then reads and discards what the client
+//! still sends until it closes its side, for [`LINGER`] at most.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use pin_project_lite::pin_project;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Sleep;
+
+/// Longest time a closing connection keeps reading (and discarding) the client's bytes.
+pub const LINGER: Duration = Duration::from_secs(2);
+
+pin_project! {
+    /// An IO whose shutdown waits for the peer to finish sending, up to [`LINGER`].
+    #[derive(Debug)]
+    pub(super) struct Linger<T> {
+        #[pin]
+        inner: T,
+        state: State,
+        // Boxed so that the IO stays `Unpin`; allocated only when the connection closes.
+        deadline: Option<Pin<Box<Sleep>>>,
+    }
+}
+
+#[derive(Debug, Copy, Clone, PartialEq, Eq)]
+enum State {
+    Open,
+    /// FIN sent; discarding input until EOF or the deadline.
+    Draining,
+    Closed,
+}
+
+// === impl Linger ===
+
+impl<T> Linger<T> {
+    /// Wraps `inner`.
+    pub(super) fn new(inner: T) -> Linger<T> {
+        Linger {
+            inner,
+            state: State::Open,
+            deadline: None,
+        }
+    }
+}
+
+impl<T: AsyncRead> AsyncRead for Linger<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.project().inner.poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite> AsyncWrite for Linger<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let mut this = self.project();
+        loop {
+            match *this.state {
+                State::Open => {
+                    ready!(this.inner.as_mut().poll_shutdown(cx))?;
+                    *this.state = State::Draining;
+                    *this.deadline = Some(Box::pin(tokio::time::sleep(LINGER)));
+                }
+                State::Draining => {
+                    if let Some(deadline) = this.deadline.as_mut()
+                        && deadline.as_mut().poll(cx).is_ready()
+                    {
+                        *this.state = State::Closed;
+                        continue;
+                    }
+                    let mut scratch = [0u8; 8192];
+                    let mut buf = ReadBuf::new(&mut scratch);
+                    match ready!(this.inner.as_mut().poll_read(cx, &mut buf)) {
+                        // Bytes the client sent after the response: discarded.
+                        Ok(()) if !buf.filled().is_empty() => continue,
+                        // EOF or an error: the client is done.
+                        _ => *this.state = State::Closed,
+                    }
+                }
+                State::Closed => return Poll::Ready(Ok(())),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn shutdown_drains_until_the_peer_closes() {
+        let (client, server) = tokio::io::duplex(64);
+        let mut server = Linger::new(server);
+        let (mut client_read, mut client_write) = tokio::io::split(client);
+        let writer = tokio::spawn(async move {
+            // More than the pipe holds: without draining, this would block forever.
+            client_write.write_all(&[7u8; 4096]).await.unwrap();
+            client_write.shutdown().await.unwrap();
+        });
+        server.write_all(b"413").await.unwrap();
+        server.shutdown().await.unwrap();
+        writer.await.unwrap();
+        let mut got = Vec::new();
+        client_read.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"413");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_gives_up_after_the_linger_time() {
+        let (_client, server) = tokio::io::duplex(64);
+        let mut server = Linger::new(server);
+        let start = tokio::time::Instant::now();
+        server.shutdown().await.unwrap();
+        assert_eq!(start.elapsed(), LINGER);
+    }
+}
