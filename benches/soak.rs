@@ -405,8 +405,9 @@ async fn soak(duration: Duration, every: Duration) {
         settled = sample(&client, &tg, start).await;
     }
     print_sample("settled", &settled);
-    // Pooled upstream connections close after 30 s idle: then tidegate is back where it began.
-    tokio::time::sleep(Duration::from_secs(35)).await;
+    // Pooled upstream connections close once idle for 30 s, checked every 30 s: after 65 s
+    // tidegate should be back where it began.
+    tokio::time::sleep(Duration::from_secs(65)).await;
     let quiet = sample(&client, &tg, start).await;
     print_sample("quiet", &quiet);
 

@@ -110,7 +110,8 @@ impl Activity {
     pub(super) fn start_request(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         self.head_since.store(NONE, Ordering::Release);
-        self.changed.notify_one();
+        // No wake-up: a busy connection has no deadline, and the driver re-checks the state
+        // when its current timer fires. Only changes that bring a deadline forward notify.
         InFlight(self.clone())
     }
 
@@ -146,7 +147,7 @@ impl Activity {
         }
     }
 
-    /// Resolves when a request starts or ends, or a new head starts arriving.
+    /// Resolves when the connection goes idle or a new head starts arriving.
     pub(super) async fn changed(&self) {
         self.changed.notified().await;
     }
