@@ -78,7 +78,7 @@ impl tower::Service<http::Uri> for Connector {
 
     fn call(&mut self, _uri: http::Uri) -> Self::Future {
         let upstream = self.upstream.clone();
-        let timeout = self.live.load().args.connect_timeout;
+        let timeout = self.live.peek().args.connect_timeout;
         Box::pin(async move { connect(&upstream, timeout).await.map(TokioIo::new) })
     }
 }

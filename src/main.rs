@@ -24,12 +24,16 @@ fn main() -> ExitCode {
     }
     let nofile = tidegate::serve::raise_fd_limit();
     tracing::debug!(?nofile, "File descriptor limit");
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(config.worker_threads())
-        .thread_name("tidegate-proxy")
-        .enable_all()
-        .build()
-    {
+    // One thread: a current-thread runtime, without the work-stealing machinery.
+    let mut builder = match config.worker_threads() {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        n => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(n);
+            builder
+        }
+    };
+    let runtime = match builder.thread_name("tidegate-proxy").enable_all().build() {
         Ok(rt) => rt,
         Err(error) => {
             eprintln!("tidegate: cannot start the proxy runtime: {error}");

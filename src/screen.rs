@@ -72,7 +72,7 @@ where
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
         let limits = {
-            let config = self.live.load();
+            let config = self.live.peek();
             Limits {
                 max_uri_bytes: config.args.max_uri_bytes.as_u64(),
                 max_headers: config.args.max_headers,

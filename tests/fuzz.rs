@@ -330,7 +330,7 @@ proptest! {
     ) {
         let mut map = build(&pairs);
         let prior = map.get("x-forwarded-for").and_then(|v| v.to_str().ok()).map(str::to_owned);
-        headers::set_forwarded(&mut map, Some(client), authority.as_deref());
+        headers::set_forwarded(&mut map, Some(&headers::client_ip(client)), authority.as_deref());
         let xff = map["x-forwarded-for"].to_str().unwrap().to_owned();
         prop_assert!(xff.ends_with(&client.to_string()), "{xff}");
         if let Some(prior) = prior.filter(|p| !p.trim().is_empty()) {

@@ -13,7 +13,8 @@ cancels out, medians reported:
 1. throughput: wrk, HTTP/1.1 keep-alive, 64 connections, small GET; proxy CPU per request;
 2. latency at a fixed moderate rate (2,000 req/s, open loop): p50/p99/p99.9 and the p99 added
    over direct;
-3. memory: RSS idle, with 10,000 idle keep-alive connections, and under load;
+3. memory: RSS idle, with 9,000 idle keep-alive connections (see IDLE_CONNECTIONS), and
+   under load;
 4. the shed path (tidegate only): 503 rate and p99 with the app saturated and the queue full,
    against tidegate's own pass-through rate;
 5. h2c downstream throughput (h2load), and streaming a 512 MiB body (MB/s vs direct).
@@ -39,7 +40,9 @@ ROOT = Path(__file__).resolve().parents[2]
 TMP = Path(tempfile.mkdtemp(prefix="tidegate-peers-"))
 CONNECTIONS = 64
 RATE = 2000
-IDLE_CONNECTIONS = 10_000
+# The issue asks for 10,000; this machine's hard descriptor limit (20,000) lets HAProxy, which
+# reserves two descriptors per connection, hold at most ~9,900, so every target gets 9,000.
+IDLE_CONNECTIONS = 9_000
 
 
 def free_port():
@@ -151,7 +154,11 @@ class Target:
         self.proc = subprocess.Popen(["taskset", "-c", self.cores(), *cmd],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                      start_new_session=True)
-        wait_port(self.port)
+        try:
+            wait_port(self.port)
+        except RuntimeError:
+            self.proc.kill()
+            raise RuntimeError(f"{self.label} did not start: {self.proc.stderr.read()[-2000:]}")
         time.sleep(0.3)
 
     def stop(self):
@@ -180,7 +187,7 @@ class Target:
         cfg = TMP / f"haproxy-{self.threads}.cfg"
         cfg.write_text(f"""global
     nbthread {self.threads}
-    maxconn 40000
+    maxconn 9900
 defaults
     mode http
     timeout connect 2s
@@ -205,8 +212,8 @@ backend b
 daemon off;
 pid {prefix}/nginx.pid;
 error_log stderr warn;
-worker_rlimit_nofile 40000;
-events {{ worker_connections 20000; }}
+worker_rlimit_nofile 20000;
+events {{ worker_connections 19000; }}
 http {{
     access_log off;
     client_body_temp_path {prefix}/body;

@@ -581,6 +581,12 @@ impl LiveConfig {
         self.0.load_full()
     }
 
+    /// A short-lived view of the configuration in force, for the per-request path: it does
+    /// not touch the shared reference count. Do not hold it across an `.await`.
+    pub fn peek(&self) -> arc_swap::Guard<Arc<Config>> {
+        self.0.load()
+    }
+
     /// Puts `config` in force.
     pub fn store(&self, config: Config) {
         self.0.store(Arc::new(config));

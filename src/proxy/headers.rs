@@ -36,6 +36,11 @@ pub fn wants_upgrade(headers: &HeaderMap) -> bool {
 /// trailers) so trailers can pass through; `keep_upgrade` keeps `Upgrade` and sets
 /// `Connection: upgrade` for a tunnel.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Most messages carry none of them: one pass over the names, no hashing, and done.
+    // (Fields named in `Connection` matter only when `Connection` itself is present.)
+    if !keep_upgrade && !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        return;
+    }
     let accepts_trailers = headers
         .get_all(header::TE)
         .iter()
@@ -68,16 +73,30 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
-/// Sets the `X-Forwarded-*` fields for a request from `client`: appends to `X-Forwarded-For`,
-/// sets `X-Forwarded-Proto` and `X-Forwarded-Host` (from `Host`, or the `:authority` given).
-pub fn set_forwarded(headers: &mut HeaderMap, client: Option<IpAddr>, authority: Option<&str>) {
+/// Sets the `X-Forwarded-*` fields for a request from `client` (its IP address as a header
+/// value, see [`client_ip`]): appends to `X-Forwarded-For`, sets `X-Forwarded-Proto` and
+/// `X-Forwarded-Host` (from `Host`, or the `:authority` given).
+pub fn set_forwarded(
+    headers: &mut HeaderMap,
+    client: Option<&HeaderValue>,
+    authority: Option<&str>,
+) {
     if let Some(ip) = client {
-        let ip = ip.to_string();
-        let value = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-            Some(prior) if !prior.trim().is_empty() => format!("{prior}, {ip}"),
-            _ => ip,
+        let prior = headers
+            .get(&X_FORWARDED_FOR)
+            .map(HeaderValue::as_bytes)
+            .filter(|v| !v.trim_ascii().is_empty());
+        let value = match prior {
+            Some(prior) => {
+                let mut joined = Vec::with_capacity(prior.len() + 2 + ip.len());
+                joined.extend_from_slice(prior);
+                joined.extend_from_slice(b", ");
+                joined.extend_from_slice(ip.as_bytes());
+                HeaderValue::from_bytes(&joined).ok()
+            }
+            None => Some(ip.clone()),
         };
-        if let Ok(value) = HeaderValue::try_from(value) {
+        if let Some(value) = value {
             headers.insert(X_FORWARDED_FOR, value);
         }
     }
@@ -93,6 +112,11 @@ pub fn set_forwarded(headers: &mut HeaderMap, client: Option<IpAddr>, authority:
         }
         headers.insert(X_FORWARDED_HOST, host);
     }
+}
+
+/// A client address as an `X-Forwarded-For` entry.
+pub fn client_ip(ip: IpAddr) -> HeaderValue {
+    HeaderValue::try_from(ip.to_string()).unwrap_or(HeaderValue::from_static("unknown"))
 }
 
 /// Appends `Via: 1.1 tidegate`.
@@ -160,7 +184,7 @@ mod tests {
     #[test]
     fn forwarded_for_appends() {
         let mut h = map(&[("x-forwarded-for", "10.0.0.1"), ("host", "example.com")]);
-        set_forwarded(&mut h, Some("127.0.0.1".parse().unwrap()), None);
+        set_forwarded(&mut h, Some(&client_ip("127.0.0.1".parse().unwrap())), None);
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
         assert_eq!(h["x-forwarded-host"], "example.com");
         assert_eq!(h["x-forwarded-proto"], "http");

@@ -12,7 +12,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{Request, Response, StatusCode, Uri, Version};
+use http::{HeaderValue, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -34,12 +34,21 @@ use crate::metrics::Metrics;
 #[derive(Clone, Debug)]
 pub struct Proxy {
     shared: Arc<Shared>,
-    client_addr: Option<SocketAddr>,
+    /// The client's address as an `X-Forwarded-For` entry, rendered once per connection.
+    client_ip: Option<HeaderValue>,
 }
 
-/// Future returned by [`Proxy`].
-pub type ResponseFuture =
-    Pin<Box<dyn Future<Output = Result<Response<ResponseBody>, BoxError>> + Send>>;
+/// The exchange with the app for one request.
+type Exchange = Pin<Box<dyn Future<Output = Result<Response<ResponseBody>, BoxError>> + Send>>;
+
+/// Future returned by [`Proxy`]: the exchange, polled in the connection's task. With
+/// `--on-client-abort finish`, dropping it before it is done (the client went away) moves the
+/// rest of the exchange to a task of its own, so the app's work is not cut off and the slot
+/// stays held until it ends; with `cancel`, dropping it ends the exchange.
+pub struct ResponseFuture {
+    exchange: Option<Exchange>,
+    finish_on_drop: bool,
+}
 
 /// Per-request settings read from the live config when the request is admitted.
 #[derive(Debug, Copy, Clone)]
@@ -99,7 +108,7 @@ impl Proxy {
                 metrics,
                 tunnels,
             }),
-            client_addr: None,
+            client_ip: None,
         }
     }
 
@@ -107,7 +116,7 @@ impl Proxy {
     pub fn for_client(&self, addr: SocketAddr) -> Proxy {
         Proxy {
             shared: self.shared.clone(),
-            client_addr: Some(addr),
+            client_ip: Some(headers::client_ip(addr.ip())),
         }
     }
 }
@@ -123,31 +132,57 @@ impl Service<Admitted<Request<Incoming>>> for Proxy {
 
     fn call(&mut self, admitted: Admitted<Request<Incoming>>) -> ResponseFuture {
         let Admitted { request, admission } = admitted;
-        let shared = self.shared.clone();
-        let config = shared.live.load();
+        let config = self.shared.live.peek();
         let settings = Settings {
             timeout: admission.route_timeout().or(config.args.upstream_timeout),
             via: config.args.via,
             max_request_body: admission.max_request_body(),
         };
         let on_abort = config.args.on_client_abort;
-        let guard = ExchangeGuard::new(admission, shared.progress.clone(), on_abort);
-        let exchange = shared
-            .clone()
-            .exchange(request, self.client_addr, guard, settings);
-        match on_abort {
-            ClientAbort::Cancel => Box::pin(exchange),
-            // The exchange runs in its own task, so a client that leaves does not cancel it:
-            // the app keeps working, and the slot stays held until it is done.
-            ClientAbort::Finish => {
-                let task = tokio::spawn(exchange);
-                Box::pin(async move {
-                    match task.await {
-                        Ok(result) => result,
-                        Err(join_error) => Err(join_error.into()),
-                    }
-                })
+        let guard = ExchangeGuard::new(admission, self.shared.progress.clone(), on_abort);
+        let exchange =
+            self.shared
+                .clone()
+                .exchange(request, self.client_ip.clone(), guard, settings);
+        ResponseFuture {
+            exchange: Some(Box::pin(exchange)),
+            finish_on_drop: on_abort == ClientAbort::Finish,
+        }
+    }
+}
+
+// === impl ResponseFuture ===
+
+impl Future for ResponseFuture {
+    type Output = Result<Response<ResponseBody>, BoxError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let Some(exchange) = self.exchange.as_mut() else {
+            // Polled after completion: a contract violation by the caller; never resolve.
+            return Poll::Pending;
+        };
+        let result = std::task::ready!(exchange.as_mut().poll(cx));
+        self.exchange = None;
+        Poll::Ready(result)
+    }
+}
+
+impl Drop for ResponseFuture {
+    fn drop(&mut self) {
+        let Some(exchange) = self.exchange.take() else {
+            return;
+        };
+        if !self.finish_on_drop {
+            return;
+        }
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(async move {
+                    // The client is gone; the response is read and discarded by its body.
+                    let _ = exchange.await;
+                });
             }
+            Err(_) => tracing::debug!("No runtime to finish an abandoned exchange"),
         }
     }
 }
@@ -158,14 +193,14 @@ impl Shared {
     async fn exchange(
         self: Arc<Self>,
         mut request: Request<Incoming>,
-        client_addr: Option<SocketAddr>,
+        client_ip: Option<HeaderValue>,
         guard: ExchangeGuard,
         settings: Settings,
     ) -> Result<Response<ResponseBody>, BoxError> {
         let upgrade =
             headers::wants_upgrade(request.headers()).then(|| hyper::upgrade::on(&mut request));
         let upstream_request =
-            self.upstream_request(request, client_addr, upgrade.is_some(), settings)?;
+            self.upstream_request(request, client_ip.as_ref(), upgrade.is_some(), settings)?;
 
         let send = self.client.request(upstream_request);
         let result = match settings.timeout {
@@ -209,7 +244,7 @@ impl Shared {
     fn upstream_request(
         &self,
         request: Request<Incoming>,
-        client_addr: Option<SocketAddr>,
+        client_ip: Option<&HeaderValue>,
         upgrade: bool,
         settings: Settings,
     ) -> Result<Request<RequestBody>, BoxError> {
@@ -227,11 +262,7 @@ impl Shared {
             .build()?;
         parts.version = self.version;
         headers::strip_hop_by_hop(&mut parts.headers, upgrade);
-        headers::set_forwarded(
-            &mut parts.headers,
-            client_addr.map(|a| a.ip()),
-            authority.as_deref(),
-        );
+        headers::set_forwarded(&mut parts.headers, client_ip, authority.as_deref());
         if settings.via {
             headers::add_via(&mut parts.headers);
         }

@@ -117,7 +117,7 @@ pub async fn serve(
                     tracing::info!("Accepting connections again");
                     logged_accept_error = false;
                 }
-                let config = cx.live.load();
+                let config = cx.live.peek();
                 let configured = config.args.max_connections as usize;
                 let max = nofile.map_or(configured, |n| {
                     configured.min(fds::connection_ceiling(n, config.args.max_concurrency))
