@@ -458,7 +458,7 @@ def report(targets, results, h2c, shed):
     d_stream = median(direct["stream"])
     print("\n### Throughput, latency, memory (medians of the rounds)\n")
     print("| target | req/s | vs direct | proxy CPU µs/req | p50 / p99 / p99.9 at "
-          f"{RATE:,} req/s | p99 added | RSS idle | RSS 10k idle conns | RSS under load | "
+          f"{RATE:,} req/s | p99 added | RSS idle | RSS {IDLE_CONNECTIONS:,} idle conns | RSS under load | "
           "h2c req/s | 512 MiB stream MB/s (vs direct) |")
     print("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
     for t in targets:
