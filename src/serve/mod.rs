@@ -100,8 +100,10 @@ pub async fn serve(
         open: Arc::new(AtomicUsize::new(0)),
     };
     let refusals = refuse::Refusals::default();
-    let nofile = fds::soft_limit();
-    let mut warned_ceiling = false;
+    let mut limit = ConnectionLimit {
+        nofile: fds::soft_limit(),
+        warned: false,
+    };
     let drain = lifecycle.reached(Phase::Drain);
     tokio::pin!(drain);
     let mut logged_accept_error = false;
@@ -118,23 +120,12 @@ pub async fn serve(
                     logged_accept_error = false;
                 }
                 let config = cx.live.peek();
-                let configured = config.args.max_connections as usize;
-                let max = nofile.map_or(configured, |n| {
-                    configured.min(fds::connection_ceiling(n, config.args.max_concurrency))
-                });
-                if max < configured && !warned_ceiling {
-                    tracing::warn!(
-                        max_connections = configured,
-                        allowed = max,
-                        "The file descriptor limit allows fewer connections than \
-                         --max-connections; raise the container's nofile limit"
-                    );
-                    warned_ceiling = true;
-                }
+                let max = limit.current(&config);
                 cx.metrics.connections_limit.set(max as i64);
                 match OpenConnection::reserve(&cx, max) {
                     Some(open) => {
-                        connections.spawn(connection(stream, cx.clone(), open, &config));
+                        let settings = ConnSettings::from_config(&config);
+                        connections.spawn(serve_connection(stream, cx.clone(), open, settings));
                     }
                     None => {
                         cx.metrics.connections_rejected.inc();
@@ -168,23 +159,6 @@ fn is_per_connection(error: &io::Error) -> bool {
             | io::ErrorKind::ConnectionRefused
             | io::ErrorKind::Interrupted
     )
-}
-
-fn connection(
-    stream: TcpStream,
-    cx: Context,
-    open: OpenConnection,
-    config: &Config,
-) -> impl Future<Output = ()> + Send + 'static {
-    let a = &config.args;
-    let settings = ConnSettings {
-        idle_timeout: a.idle_timeout,
-        header_read_timeout: a.header_read_timeout,
-        max_header_bytes: a.max_header_bytes.as_u64() as usize,
-        max_headers: a.max_headers,
-        h2_max_concurrent_streams: a.h2_max_concurrent_streams,
-    };
-    serve_connection(stream, cx, open, settings)
 }
 
 async fn serve_connection(
@@ -261,6 +235,45 @@ async fn serve_connection(
     };
     if let Err(error) = result {
         tracing::debug!(%error, client.addr = %client_addr, ?protocol, "Connection ended with an error");
+    }
+}
+
+/// `--max-connections`, capped by what the descriptor limit allows.
+struct ConnectionLimit {
+    nofile: Option<u64>,
+    warned: bool,
+}
+
+impl ConnectionLimit {
+    /// The limit in force under `config`; warns once if the descriptor limit lowers it.
+    fn current(&mut self, config: &Config) -> usize {
+        let configured = config.args.max_connections as usize;
+        let max = self.nofile.map_or(configured, |n| {
+            configured.min(fds::connection_ceiling(n, config.args.max_concurrency))
+        });
+        if max < configured && !self.warned {
+            tracing::warn!(
+                max_connections = configured,
+                allowed = max,
+                "The file descriptor limit allows fewer connections than --max-connections; \
+                 raise the container's nofile limit"
+            );
+            self.warned = true;
+        }
+        max
+    }
+}
+
+impl ConnSettings {
+    fn from_config(config: &Config) -> ConnSettings {
+        let a = &config.args;
+        ConnSettings {
+            idle_timeout: a.idle_timeout,
+            header_read_timeout: a.header_read_timeout,
+            max_header_bytes: a.max_header_bytes.as_u64() as usize,
+            max_headers: a.max_headers,
+            h2_max_concurrent_streams: a.h2_max_concurrent_streams,
+        }
     }
 }
 
