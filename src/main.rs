@@ -5,6 +5,7 @@
 
 use std::process::ExitCode;
 
+use tidegate::config::RuntimeMode;
 use tidegate::drain::{DrainOutcome, Lifecycle};
 use tidegate::supervise::Child;
 use tidegate::{Config, EXIT_CONFIG, EXIT_DRAIN_TIMEOUT, EXIT_FAILURE, Server};
@@ -24,10 +25,11 @@ fn main() -> ExitCode {
     }
     let nofile = tidegate::serve::raise_fd_limit();
     tracing::debug!(?nofile, "File descriptor limit");
-    // One thread: a current-thread runtime, without the work-stealing machinery.
-    let mut builder = match config.worker_threads() {
-        1 => tokio::runtime::Builder::new_current_thread(),
-        n => {
+    // One thread, or a runtime per thread (the server starts the others): a current-thread
+    // runtime here, without the work-stealing machinery.
+    let mut builder = match (config.args.runtime, config.worker_threads()) {
+        (RuntimeMode::PerThread, _) | (_, 1) => tokio::runtime::Builder::new_current_thread(),
+        (RuntimeMode::Shared, n) => {
             let mut builder = tokio::runtime::Builder::new_multi_thread();
             builder.worker_threads(n);
             builder

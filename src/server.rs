@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::{self, AdminHandle};
-use crate::config::{Config, LiveConfig};
+use crate::config::{Config, LiveConfig, RuntimeMode};
 use crate::drain::{CloseOnShutdownLayer, DrainOutcome, Lifecycle, Phase};
 use crate::health::{AppChecker, HealthState};
 use crate::limit::{LimitLayer, Limiter};
@@ -207,6 +207,58 @@ fn bind(
         .map_err(|source| StartError::Bind { flag, addr, source })
 }
 
+/// One extra proxy thread of `--runtime per-thread`: what its accept loop needs.
+struct Lane {
+    stack: ProxyStack,
+    live: LiveConfig,
+    lifecycle: Lifecycle,
+    metrics: Arc<Metrics>,
+    connections: TaskTracker,
+    tunnels: TaskTracker,
+}
+
+impl Lane {
+    /// Starts the thread with its own current-thread runtime, accepting on `listener` until
+    /// the drain, then driving its connections until they are done. The returned receiver
+    /// resolves when its listener is closed.
+    fn spawn(
+        self,
+        index: usize,
+        listener: std::net::TcpListener,
+    ) -> std::io::Result<tokio::sync::oneshot::Receiver<()>> {
+        let (closed_tx, closed_rx) = tokio::sync::oneshot::channel();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        std::thread::Builder::new()
+            .name(format!("tidegate-proxy-{index}"))
+            .spawn(move || {
+                runtime.block_on(async move {
+                    match tokio::net::TcpListener::from_std(listener) {
+                        Ok(listener) => {
+                            serve::serve(
+                                listener,
+                                self.stack,
+                                self.live,
+                                self.lifecycle,
+                                self.metrics,
+                                self.connections.clone(),
+                            )
+                            .await
+                        }
+                        Err(error) => tracing::error!(%error, "Proxy worker cannot listen"),
+                    }
+                    let _ = closed_tx.send(());
+                    // This runtime drives its connections and tunnels: keep it running until
+                    // the drain is over (or the process exits at the drain timeout).
+                    self.connections.wait().await;
+                    self.tunnels.wait().await;
+                });
+            })?;
+        Ok(closed_rx)
+    }
+}
+
 // === impl Running ===
 
 impl Running {
@@ -226,6 +278,21 @@ impl Running {
             admin,
         } = self;
         let config = live.load();
+        let bind_error = |source| StartError::Bind {
+            flag: "listen",
+            addr: config.args.listen,
+            source,
+        };
+        // Per-thread mode: the other threads get their own runtime, accept loop and upstream
+        // pool, on clones of the same listening socket.
+        let extra_workers = match config.args.runtime {
+            RuntimeMode::PerThread => config.worker_threads().saturating_sub(1),
+            RuntimeMode::Shared => 0,
+        };
+        let mut worker_listeners = Vec::with_capacity(extra_workers);
+        for _ in 0..extra_workers {
+            worker_listeners.push(proxy_listener.try_clone().map_err(bind_error)?);
+        }
         let listener = tokio::net::TcpListener::from_std(proxy_listener).map_err(|source| {
             StartError::Bind {
                 flag: "listen",
@@ -253,6 +320,28 @@ impl Running {
             }
         });
         let connections = TaskTracker::new();
+        let mut workers = Vec::with_capacity(extra_workers);
+        for (i, worker_listener) in worker_listeners.into_iter().enumerate() {
+            let mut worker_stack = stack.clone();
+            worker_stack.proxy = Proxy::new(
+                live.clone(),
+                health.progress().clone(),
+                metrics.clone(),
+                tunnels.clone(),
+            );
+            let lane = Lane {
+                stack: worker_stack,
+                live: live.clone(),
+                lifecycle: lifecycle.clone(),
+                metrics: metrics.clone(),
+                connections: connections.clone(),
+                tunnels: tunnels.clone(),
+            };
+            workers.push(
+                lane.spawn(i + 1, worker_listener)
+                    .map_err(|e| StartError::Runtime("proxy worker thread", e))?,
+            );
+        }
         let accept = tokio::spawn(serve::serve(
             listener,
             stack,
@@ -285,6 +374,10 @@ impl Running {
             "Shutdown: drain (listener closing, finishing in-flight requests)"
         );
         let _ = accept.await;
+        for worker in workers {
+            // Resolves when that worker's listener clone is closed (or the thread is gone).
+            let _ = worker.await;
+        }
         connections.close();
         tunnels.close();
         let all_done = async {

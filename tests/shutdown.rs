@@ -56,11 +56,21 @@ async fn request_on(stream: &mut TcpStream, path: &str) -> (String, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_fails_readiness_serves_through_the_delay_then_drains_and_exits_0() {
+    sigterm_walkthrough(&[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_thread_runtimes_drain_the_same_way() {
+    // Every thread's listener clone must close after the delay, and connections accepted on
+    // any thread must drain before the exit.
+    sigterm_walkthrough(&["--threads", "3", "--runtime", "per-thread"]).await;
+}
+
+async fn sigterm_walkthrough(extra: &[&str]) {
     let upstream = app(Duration::from_millis(2500)).await;
-    let mut bin = Binary::start(
-        &format!("http://{}", upstream.addr),
-        &["--shutdown-delay", "1s", "--drain-timeout", "10s"],
-    );
+    let mut flags = vec!["--shutdown-delay", "1s", "--drain-timeout", "10s"];
+    flags.extend_from_slice(extra);
+    let mut bin = Binary::start(&format!("http://{}", upstream.addr), &flags);
     wait_admin_ready(bin.admin).await;
     let mut existing = TcpStream::connect(bin.addr).await.unwrap();
     let (head, _) = request_on(&mut existing, "/before").await;

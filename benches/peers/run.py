@@ -133,14 +133,17 @@ def rss_mib(pid):
 # ===== targets =====
 
 class Target:
-    def __init__(self, name, threads, kind):
+    def __init__(self, name, threads, kind, extra=(), suffix=""):
         self.name, self.threads, self.kind = name, threads, kind
+        self.extra, self.suffix = list(extra), suffix
         self.proc = None
         self.port = None
 
     @property
     def label(self):
-        return self.name if self.kind == "direct" else f"{self.name} ×{self.threads}"
+        if self.kind == "direct":
+            return self.name
+        return f"{self.name} ×{self.threads}{self.suffix}"
 
     def cores(self):
         return "1" if self.threads == 1 else "0,1"
@@ -180,7 +183,7 @@ class Target:
         return [str(tidegate), "--listen", f"127.0.0.1:{self.port}",
                 "--admin-listen", f"127.0.0.1:{free_port()}",
                 "--upstream", f"http://127.0.0.1:{up}", "--threads", str(self.threads),
-                "--access-log", "false", "--log", "warn", *limits]
+                "--access-log", "false", "--log", "warn", *limits, *self.extra]
 
     def cmd_haproxy(self, up, _tidegate, _shed, h2c):
         proto = " proto h2" if h2c else ""
@@ -362,6 +365,9 @@ def main():
     for threads in (1, 2):
         for name in ("tidegate", "haproxy", "nginx", "envoy"):
             targets.append(Target(name, threads, name))
+            if name == "tidegate" and threads == 2:
+                targets.append(Target(name, threads, name, ["--runtime", "per-thread"],
+                                      " per-thread"))
     if args.only:
         keep = set(args.only.split(",")) | {"direct"}
         targets = [t for t in targets if t.name in keep]
@@ -475,11 +481,11 @@ def report(targets, results, h2c, shed):
               f"{'–' if added is None else f'{added:+,.0f} µs'} | {fmt(r['rss_idle'], 1)} MiB | "
               f"{fmt(r['rss_10k'], 1)} MiB | {fmt(median(r['rss_load']), 1)} MiB | "
               f"{fmt(h2c.get(t.label))} | {fmt(stream)} ({ratio(stream, d_stream)}) |")
-    for threads in (1, 2):
-        tg = results.get(f"tidegate ×{threads}")
+    for threads, suffix in ((1, ""), (2, ""), (2, " per-thread")):
+        tg = results.get(f"tidegate ×{threads}{suffix}")
         if not tg:
             continue
-        print(f"\n### tidegate ×{threads} against each peer ×{threads}\n")
+        print(f"\n### tidegate ×{threads}{suffix} against each peer ×{threads}\n")
         print("| peer | throughput | CPU per request | p99 added | h2c |")
         print("|---|--:|--:|--:|--:|")
         tg_rps, tg_cpu = median(tg["rps"]), median(tg["cpu_us"])
@@ -492,7 +498,7 @@ def report(targets, results, h2c, shed):
             print(f"| {peer} | {ratio(tg_rps, median(p['rps']))} | "
                   f"{ratio(tg_cpu, median(p['cpu_us']))} | "
                   f"{tg_added:+,.0f} vs {p_added:+,.0f} µs | "
-                  f"{ratio(h2c.get(f'tidegate ×{threads}'), h2c.get(f'{peer} ×{threads}'))} |")
+                  f"{ratio(h2c.get(f'tidegate ×{threads}{suffix}'), h2c.get(f'{peer} ×{threads}'))} |")
     if shed:
         print("\n### Shed path (tidegate ×1, app saturated, no queue)\n")
         print(f"pass-through {fmt(shed['pass_rps'])} req/s; shed {fmt(shed['shed_rps'])} req/s "

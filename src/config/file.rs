@@ -12,7 +12,7 @@ use http::Method;
 use ipnet::IpNet;
 use serde::{Deserialize, Deserializer};
 
-use super::{Args, ClientAbort, LogFormat, Upstream, parse_cidr, parse_upstream};
+use super::{Args, ClientAbort, LogFormat, RuntimeMode, Upstream, parse_cidr, parse_upstream};
 use crate::limit::{PathMatch, RouteSpec};
 
 /// A config file that cannot be used.
@@ -53,6 +53,7 @@ pub(super) struct FileConfig {
     #[serde(default, deserialize_with = "cidrs")]
     admin_allow: Option<Vec<IpNet>>,
     threads: Option<u16>,
+    runtime: Option<RuntimeMode>,
     upstream_http2: Option<bool>,
     #[serde(default, with = "humantime_serde")]
     connect_timeout: Option<Duration>,
@@ -231,6 +232,7 @@ impl FileConfig {
             listen,
             upstream,
             admin_listen,
+            runtime,
             upstream_http2,
             connect_timeout,
             header_read_timeout,

@@ -79,6 +79,11 @@ pub struct Args {
     #[arg(long, env = "TIDEGATE_THREADS", value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub threads: Option<u16>,
 
+    /// How the proxy threads share work: one work-stealing runtime, or a runtime per thread
+    /// each accepting on the shared listener with its own upstream pool
+    #[arg(long, env = "TIDEGATE_RUNTIME", value_enum, default_value_t = RuntimeMode::Shared)]
+    pub runtime: RuntimeMode,
+
     /// Speak HTTP/2 with prior knowledge (h2c) to the app
     #[arg(long, env = "TIDEGATE_UPSTREAM_HTTP2")]
     pub upstream_http2: bool,
@@ -236,6 +241,17 @@ pub enum Upstream {
     },
 }
 
+/// How the proxy lane's threads are organised.
+#[derive(Debug, Copy, Clone, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RuntimeMode {
+    /// One tokio runtime; with several threads, they steal work from each other.
+    Shared,
+    /// One single-threaded runtime per thread, each accepting connections on the shared
+    /// listener and keeping its own pool of upstream connections (no work stealing).
+    PerThread,
+}
+
 /// What to do with the app's exchange when the client goes away mid-request.
 #[derive(Debug, Copy, Clone, PartialEq, Eq, ValueEnum, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -333,6 +349,7 @@ const STATIC_SETTINGS: &[&str] = &[
     "admin_listen",
     "upstream",
     "threads",
+    "runtime",
     "upstream_http2",
     "log_format",
     "log",
@@ -494,6 +511,7 @@ impl Config {
         a.admin_listen = b.admin_listen;
         a.upstream = b.upstream.clone();
         a.threads = b.threads;
+        a.runtime = b.runtime;
         a.upstream_http2 = b.upstream_http2;
         a.log_format = b.log_format;
         a.log = b.log.clone();
@@ -507,6 +525,7 @@ impl Config {
             "admin_listen" => a.admin_listen.to_string(),
             "upstream" => format!("{:?}", a.upstream),
             "threads" => format!("{:?}", a.threads),
+            "runtime" => format!("{:?}", a.runtime),
             "upstream_http2" => a.upstream_http2.to_string(),
             "log_format" => format!("{:?}", a.log_format),
             "log" => a.log.clone(),
