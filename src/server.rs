@@ -209,6 +209,7 @@ fn bind(
 
 /// One extra proxy thread of `--runtime per-thread`: what its accept loop needs.
 struct Lane {
+    heartbeat: crate::health::Stamp,
     stack: ProxyStack,
     live: LiveConfig,
     lifecycle: Lifecycle,
@@ -234,6 +235,7 @@ impl Lane {
             .name(format!("tidegate-proxy-{index}"))
             .spawn(move || {
                 runtime.block_on(async move {
+                    let heartbeat = tokio::spawn(beat(self.heartbeat));
                     match tokio::net::TcpListener::from_std(listener) {
                         Ok(listener) => {
                             serve::serve(
@@ -253,9 +255,20 @@ impl Lane {
                     // the drain is over (or the process exits at the drain timeout).
                     self.connections.wait().await;
                     self.tunnels.wait().await;
+                    heartbeat.abort();
                 });
             })?;
         Ok(closed_rx)
+    }
+}
+
+/// Stamps `heartbeat` every [`HEARTBEAT_PERIOD`] for as long as its runtime is responsive.
+async fn beat(heartbeat: crate::health::Stamp) {
+    let mut tick = tokio::time::interval(HEARTBEAT_PERIOD);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        heartbeat.record();
     }
 }
 
@@ -330,6 +343,7 @@ impl Running {
                 tunnels.clone(),
             );
             let lane = Lane {
+                heartbeat: health.add_thread_heartbeat(),
                 stack: worker_stack,
                 live: live.clone(),
                 lifecycle: lifecycle.clone(),

@@ -42,6 +42,8 @@ struct Shared {
     limiter: Limiter,
     metrics: Arc<Metrics>,
     heartbeat: Stamp,
+    /// Heartbeats of the other proxy threads (`--runtime per-thread`).
+    thread_beats: std::sync::Mutex<Vec<Stamp>>,
     progress: Progress,
     last_pass: Stamp,
     app_healthy: AtomicBool,
@@ -105,6 +107,7 @@ impl HealthState {
                 limiter,
                 metrics,
                 heartbeat: Stamp::new(),
+                thread_beats: std::sync::Mutex::new(Vec::new()),
                 progress: Stamp::new(),
                 last_pass: Stamp::new(),
                 app_healthy: AtomicBool::new(false),
@@ -116,6 +119,16 @@ impl HealthState {
     /// The heartbeat the proxy runtime must keep stamping.
     pub fn heartbeat(&self) -> &Stamp {
         &self.shared.heartbeat
+    }
+
+    /// A heartbeat for one more proxy thread (`--runtime per-thread`); `/livez` fails when any
+    /// of them is older than `--heartbeat-timeout`.
+    pub fn add_thread_heartbeat(&self) -> Stamp {
+        let stamp = Stamp::new();
+        if let Ok(mut beats) = self.shared.thread_beats.lock() {
+            beats.push(stamp.clone());
+        }
+        stamp
     }
 
     /// The progress clock the proxy stamps when the app completes a response.
@@ -141,15 +154,22 @@ impl HealthState {
     /// `/livez`: the proxy runtime is responsive.
     pub fn livez(&self) -> Result<(), String> {
         let timeout = self.shared.live.load().args.heartbeat_timeout;
-        match self.shared.heartbeat.age() {
+        let check = |stamp: &Stamp, which: &str| match stamp.age() {
             Some(age) if age <= timeout => Ok(()),
             Some(age) => Err(format!(
-                "proxy runtime heartbeat is {}ms old (limit {}ms)",
+                "{which} heartbeat is {}ms old (limit {}ms)",
                 age.as_millis(),
                 timeout.as_millis()
             )),
-            None => Err("proxy runtime has not started".into()),
+            None => Err(format!("{which} has not started")),
+        };
+        check(&self.shared.heartbeat, "proxy runtime")?;
+        if let Ok(beats) = self.shared.thread_beats.lock() {
+            for (i, stamp) in beats.iter().enumerate() {
+                check(stamp, &format!("proxy thread {}", i + 1))?;
+            }
         }
+        Ok(())
     }
 
     /// `/readyz`: serving, not draining, app healthy, and (optionally) not saturated.
@@ -250,5 +270,28 @@ mod tests {
         tokio::time::advance(Duration::from_secs(2)).await;
         assert!(stamp.within(Duration::from_secs(3)));
         assert!(!stamp.within(Duration::from_secs(1)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn livez_needs_every_proxy_thread_alive() {
+        let config = crate::Config::try_from_iter(["tidegate", "--heartbeat-timeout", "5s"])
+            .expect("config");
+        let metrics = Arc::new(Metrics::new().expect("metrics"));
+        let limiter = Limiter::new(&crate::limit::LimitConfig::default(), &metrics);
+        let health = HealthState::new(LiveConfig::new(config), Lifecycle::new(), limiter, metrics);
+        health.heartbeat().record();
+        assert!(health.livez().is_ok());
+
+        let second = health.add_thread_heartbeat();
+        let err = health.livez().unwrap_err();
+        assert!(err.contains("proxy thread 1 has not started"), "{err}");
+        second.record();
+        assert!(health.livez().is_ok());
+
+        // The main runtime keeps beating; the other thread is stuck.
+        tokio::time::advance(Duration::from_secs(6)).await;
+        health.heartbeat().record();
+        let err = health.livez().unwrap_err();
+        assert!(err.contains("proxy thread 1 heartbeat is"), "{err}");
     }
 }
