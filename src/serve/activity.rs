@@ -5,11 +5,10 @@
 //! after `--idle-timeout`; once the first byte of a new request head arrives on an idle
 //! HTTP/1 connection, the whole head must arrive within `--header-read-timeout`. hyper's own
 //! header timer cannot tell the two apart (it starts when hyper waits for a head, so it also
-//! cuts idle keep-alive connections), hence this tracker: the IO wrapper [`Watched`] notes
-//! reads, the service wrapper [`Track`] notes request boundaries.
+//! cuts idle keep-alive connections), hence this tracker: the connection's IO
+//! (`conn_io::ConnIo`) notes reads, the service wrapper [`Track`] notes request boundaries.
 
 use std::future::Future;
-use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -19,7 +18,6 @@ use std::time::Duration;
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tower::Service;
@@ -51,16 +49,6 @@ pub(super) enum Expiry {
 /// Counts one request in flight until dropped (with its response body).
 #[derive(Debug)]
 pub(super) struct InFlight(Arc<Activity>);
-
-pin_project! {
-    /// An IO that reports reads to its [`Activity`].
-    #[derive(Debug)]
-    pub(super) struct Watched<T> {
-        #[pin]
-        inner: T,
-        activity: Arc<Activity>,
-    }
-}
 
 /// A service wrapper that counts each request in flight until its response body is done.
 #[derive(Debug, Clone)]
@@ -115,7 +103,8 @@ impl Activity {
         InFlight(self.clone())
     }
 
-    fn on_read(&self) {
+    /// Bytes arrived from the client.
+    pub(super) fn on_read(&self) {
         if self.in_flight.load(Ordering::Acquire) == 0
             && self
                 .head_since
@@ -165,61 +154,6 @@ impl Drop for InFlight {
             activity.head_since.store(NONE, Ordering::Release);
             activity.changed.notify_one();
         }
-    }
-}
-
-// === impl Watched ===
-
-impl<T> Watched<T> {
-    /// Wraps `inner`, reporting its reads to `activity`.
-    pub(super) fn new(inner: T, activity: Arc<Activity>) -> Watched<T> {
-        Watched { inner, activity }
-    }
-}
-
-impl<T: AsyncRead> AsyncRead for Watched<T> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.project();
-        let before = buf.filled().len();
-        ready!(this.inner.poll_read(cx, buf))?;
-        if buf.filled().len() > before {
-            this.activity.on_read();
-        }
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl<T: AsyncWrite> AsyncWrite for Watched<T> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        self.project().inner.poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        self.project().inner.poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().inner.poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().inner.poll_shutdown(cx)
     }
 }
 

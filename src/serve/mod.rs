@@ -11,9 +11,9 @@
 //! `--h2-max-concurrent-streams`.
 
 mod activity;
+mod conn_io;
 mod detect;
 mod fds;
-mod linger;
 mod refuse;
 
 use std::future::Future;
@@ -30,11 +30,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
-use self::activity::{Activity, Expiry, Track, Watched};
+use self::activity::{Activity, Expiry, Track};
+use self::conn_io::ConnIo;
+pub use self::conn_io::LINGER;
 pub use self::detect::Protocol;
 pub use self::fds::raise_limit as raise_fd_limit;
-pub use self::linger::LINGER;
-use self::linger::Linger;
 use crate::config::{Config, LiveConfig};
 use crate::drain::{Lifecycle, Phase};
 use crate::metrics::Metrics;
@@ -194,7 +194,7 @@ async fn serve_connection(
     let activity = Activity::new(accepted);
     let service =
         TowerToHyperService::new(Track::new(cx.stack.service(client_addr), activity.clone()));
-    let io = TokioIo::new(Watched::new(Linger::new(io), activity.clone()));
+    let io = TokioIo::new(ConnIo::new(io, activity.clone()));
     let watch = Watch {
         activity: &activity,
         idle_timeout: settings.idle_timeout,

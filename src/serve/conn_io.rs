@@ -1,16 +1,22 @@
-//! Lingering close. When tidegate closes a connection while the client is still sending (a 413
-//! for a body too large, a 400, a `Connection: close` during shutdown), closing the socket with
-//! unread bytes makes the kernel send a reset, and the client may lose the response it has
-//! not read yet. So shutting down sends FIN first, then reads and discards what the client
-//! still sends until it closes its side, for [`LINGER`] at most.
+//! The client connection's IO, as hyper sees it. It does two things besides passing bytes:
+//!
+//! - it tells the connection's [`Activity`] when bytes arrive, for the idle and head timeouts;
+//! - it closes with a linger. When tidegate closes a connection while the client is still
+//!   sending (a 413 for a body too large, a 400, a `Connection: close` during shutdown),
+//!   closing the socket with unread bytes makes the kernel send a reset, and the client may
+//!   lose the response it has not read yet. So shutting down sends FIN first, then reads and
+//!   discards what the client still sends until it closes its side, for [`LINGER`] at most.
 
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use pin_project_lite::pin_project;
+
+use super::activity::Activity;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Sleep;
 
@@ -18,11 +24,13 @@ use tokio::time::Sleep;
 pub const LINGER: Duration = Duration::from_secs(2);
 
 pin_project! {
-    /// An IO whose shutdown waits for the peer to finish sending, up to [`LINGER`].
+    /// An IO that reports reads to its [`Activity`] and whose shutdown waits for the peer to
+    /// finish sending, up to [`LINGER`].
     #[derive(Debug)]
-    pub(super) struct Linger<T> {
+    pub(super) struct ConnIo<T> {
         #[pin]
         inner: T,
+        activity: Arc<Activity>,
         state: State,
         // Boxed so that the IO stays `Unpin`; allocated only when the connection closes.
         deadline: Option<Pin<Box<Sleep>>>,
@@ -37,30 +45,37 @@ enum State {
     Closed,
 }
 
-// === impl Linger ===
+// === impl ConnIo ===
 
-impl<T> Linger<T> {
-    /// Wraps `inner`.
-    pub(super) fn new(inner: T) -> Linger<T> {
-        Linger {
+impl<T> ConnIo<T> {
+    /// Wraps `inner`, reporting its reads to `activity`.
+    pub(super) fn new(inner: T, activity: Arc<Activity>) -> ConnIo<T> {
+        ConnIo {
             inner,
+            activity,
             state: State::Open,
             deadline: None,
         }
     }
 }
 
-impl<T: AsyncRead> AsyncRead for Linger<T> {
+impl<T: AsyncRead> AsyncRead for ConnIo<T> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        self.project().inner.poll_read(cx, buf)
+        let this = self.project();
+        let before = buf.filled().len();
+        ready!(this.inner.poll_read(cx, buf))?;
+        if buf.filled().len() > before {
+            this.activity.on_read();
+        }
+        Poll::Ready(Ok(()))
     }
 }
 
-impl<T: AsyncRead + AsyncWrite> AsyncWrite for Linger<T> {
+impl<T: AsyncRead + AsyncWrite> AsyncWrite for ConnIo<T> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -125,7 +140,7 @@ mod tests {
     #[tokio::test]
     async fn shutdown_drains_until_the_peer_closes() {
         let (client, server) = tokio::io::duplex(64);
-        let mut server = Linger::new(server);
+        let mut server = ConnIo::new(server, Activity::new(tokio::time::Instant::now()));
         let (mut client_read, mut client_write) = tokio::io::split(client);
         let writer = tokio::spawn(async move {
             // More than the pipe holds: without draining, this would block forever.
@@ -143,7 +158,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn shutdown_gives_up_after_the_linger_time() {
         let (_client, server) = tokio::io::duplex(64);
-        let mut server = Linger::new(server);
+        let mut server = ConnIo::new(server, Activity::new(tokio::time::Instant::now()));
         let start = tokio::time::Instant::now();
         server.shutdown().await.unwrap();
         assert_eq!(start.elapsed(), LINGER);
