@@ -117,6 +117,11 @@ const LATENCY_BUCKETS: &[f64] = &[
 // === impl Metrics ===
 
 impl Metrics {
+    /// Counts one request refused for breaking a limit or the protocol.
+    pub fn count_rejection(&self, rejected: &crate::error::Rejected) {
+        self.rejected.with_label_values(&[rejected.as_str()]).inc();
+    }
+
     /// Counts one response with `status` in `tidegate_requests_total`.
     pub fn count_response(&self, status: http::StatusCode) {
         let code = status.as_u16() as usize;

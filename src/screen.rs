@@ -81,10 +81,7 @@ where
         match limits.check(&request) {
             Ok(()) => Either::Right(self.inner.call(request)),
             Err(rejected) => {
-                self.metrics
-                    .rejected
-                    .with_label_values(&[rejected.as_str()])
-                    .inc();
+                self.metrics.count_rejection(&rejected);
                 Either::Left(ready(Err(rejected.into())))
             }
         }

@@ -235,7 +235,7 @@ impl Lane {
             .name(format!("tidegate-proxy-{index}"))
             .spawn(move || {
                 runtime.block_on(async move {
-                    let heartbeat = tokio::spawn(beat(self.heartbeat));
+                    let heartbeat = tokio::spawn(beat(self.heartbeat, None));
                     match tokio::net::TcpListener::from_std(listener) {
                         Ok(listener) => {
                             serve::serve(
@@ -262,13 +262,18 @@ impl Lane {
     }
 }
 
-/// Stamps `heartbeat` every [`HEARTBEAT_PERIOD`] for as long as its runtime is responsive.
-async fn beat(heartbeat: crate::health::Stamp) {
+/// Stamps `heartbeat` every [`HEARTBEAT_PERIOD`] for as long as its runtime is responsive, and
+/// samples the runtime's live task count into `tasks`, if given.
+async fn beat(heartbeat: crate::health::Stamp, tasks: Option<prometheus::IntGauge>) {
+    let runtime = tokio::runtime::Handle::current().metrics();
     let mut tick = tokio::time::interval(HEARTBEAT_PERIOD);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         heartbeat.record();
+        if let Some(tasks) = &tasks {
+            tasks.set(runtime.num_alive_tasks() as i64);
+        }
     }
 }
 
@@ -318,20 +323,10 @@ impl Running {
             .config
             .clone()
             .map(|path| tokio::spawn(reloader.watch(path, CONFIG_POLL)));
-        let heartbeat = tokio::spawn({
-            let stamp = health.heartbeat().clone();
-            let metrics = metrics.clone();
-            async move {
-                let runtime = tokio::runtime::Handle::current().metrics();
-                let mut tick = tokio::time::interval(HEARTBEAT_PERIOD);
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                loop {
-                    tick.tick().await;
-                    stamp.record();
-                    metrics.runtime_tasks.set(runtime.num_alive_tasks() as i64);
-                }
-            }
-        });
+        let heartbeat = tokio::spawn(beat(
+            health.heartbeat().clone(),
+            Some(metrics.runtime_tasks.clone()),
+        ));
         let connections = TaskTracker::new();
         let mut workers = Vec::with_capacity(extra_workers);
         for (i, worker_listener) in worker_listeners.into_iter().enumerate() {

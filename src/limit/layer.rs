@@ -82,7 +82,7 @@ where
         Box::pin(async move {
             let route = limiter.route(request.method(), request.uri().path());
             // A body declared too large is refused before it takes a slot or a queue place.
-            if let Some(limit) = limiter.max_request_body(&route)
+            if let Some(limit) = route.max_request_body()
                 && declared_length(&request).is_some_and(|len| len > limit)
             {
                 return Err(limiter.reject(Rejected::BodyTooLarge { limit }).into());

@@ -63,9 +63,13 @@ pub struct Admission {
     max_request_body: Option<u64>,
 }
 
-/// The route a request belongs to, looked up once per request.
+/// The route a request belongs to and the body limit that applies to it, looked up once per
+/// request.
 #[derive(Debug, Clone)]
-pub struct RouteRef(Option<Arc<RouteState>>);
+pub struct RouteRef {
+    route: Option<Arc<RouteState>>,
+    max_request_body: Option<u64>,
+}
 
 #[derive(Debug)]
 struct Shared {
@@ -217,27 +221,25 @@ impl Limiter {
         metrics.queue_limit.set(config.max_queue as i64);
     }
 
-    /// The route a `method` request for `path` belongs to.
+    /// The route a `method` request for `path` belongs to, with its body limit (the route's
+    /// own, else `--max-request-body`).
     pub fn route(&self, method: &Method, path: &str) -> RouteRef {
         let routes = self.shared.routes.load();
-        RouteRef(
-            routes
-                .table
-                .find(&routes.specs, method, path)
-                .map(|i| routes.states[i].clone()),
-        )
-    }
-
-    /// The largest request body allowed on `route`, in bytes; `None` is unlimited.
-    pub fn max_request_body(&self, route: &RouteRef) -> Option<u64> {
-        route
-            .0
+        let route = routes
+            .table
+            .find(&routes.specs, method, path)
+            .map(|i| routes.states[i].clone());
+        let max_request_body = route
             .as_ref()
             .and_then(|r| r.spec.max_request_body)
             .or_else(|| {
                 let global = self.shared.max_request_body.load(Ordering::Acquire);
                 (global != u64::MAX).then_some(global)
-            })
+            });
+        RouteRef {
+            route,
+            max_request_body,
+        }
     }
 
     /// Admits a `method` request for `path`, waiting in the queue if needed.
@@ -251,8 +253,10 @@ impl Limiter {
     /// [`Limiter::acquire`].
     pub async fn admit(&self, route: RouteRef) -> Result<Admission, Overloaded> {
         let shared = &self.shared;
-        let max_request_body = self.max_request_body(&route);
-        let RouteRef(route) = route;
+        let RouteRef {
+            route,
+            max_request_body,
+        } = route;
         let counters = route
             .as_ref()
             .map_or(&shared.default_route, |r| &r.slots.counters);
@@ -334,11 +338,7 @@ impl Limiter {
 
     /// Counts a request refused for breaking a limit, and returns the refusal.
     pub fn reject(&self, rejected: Rejected) -> Rejected {
-        self.shared
-            .metrics
-            .rejected
-            .with_label_values(&[rejected.as_str()])
-            .inc();
+        self.shared.metrics.count_rejection(&rejected);
         rejected
     }
 
@@ -445,6 +445,15 @@ impl Drop for QueuePlace<'_> {
         self.shared.queued.fetch_sub(1, Ordering::AcqRel);
         self.shared.metrics.queued.dec();
         self.counters.queued.dec();
+    }
+}
+
+// === impl RouteRef ===
+
+impl RouteRef {
+    /// The largest request body allowed, in bytes; `None` is unlimited.
+    pub fn max_request_body(&self) -> Option<u64> {
+        self.max_request_body
     }
 }
 

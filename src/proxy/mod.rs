@@ -274,10 +274,7 @@ impl Shared {
         let error: BoxError = Box::new(error);
         if let Some(rejected) = find_cause::<Rejected>(&*error) {
             // The client's body failed (too large or malformed), not the app.
-            self.metrics
-                .rejected
-                .with_label_values(&[rejected.as_str()])
-                .inc();
+            self.metrics.count_rejection(rejected);
             error
         } else if is_caused_by::<UpstreamConnectTimeout>(&*error) {
             self.count_error("connect-timeout");
