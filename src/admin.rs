@@ -142,6 +142,7 @@ async fn handle(req: Request<Incoming>, health: &HealthState, peer: IpAddr) -> A
         (&Method::GET | &Method::HEAD, "/readyz") => ("/readyz", verdict(health.readyz())),
         (&Method::GET | &Method::HEAD, "/app/livez") => ("/app/livez", verdict(health.app_livez())),
         (&Method::GET, "/metrics") => ("/metrics", metrics(health)),
+        (&Method::GET, "/state") => ("/state", state(health)),
         (&Method::GET, "/prestop") => match unauthorized(&req, health, peer) {
             None => ("/prestop", prestop(health).await),
             Some(denied) => ("/prestop", denied),
@@ -150,7 +151,10 @@ async fn handle(req: Request<Incoming>, health: &HealthState, peer: IpAddr) -> A
             None => ("/drain", drain(health)),
             Some(denied) => ("/drain", denied),
         },
-        (_, "/livez" | "/readyz" | "/app/livez" | "/metrics" | "/prestop" | "/drain") => (
+        (
+            _,
+            "/livez" | "/readyz" | "/app/livez" | "/metrics" | "/state" | "/prestop" | "/drain",
+        ) => (
             "other",
             text(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -225,10 +229,27 @@ fn metrics(health: &HealthState) -> AdminResponse {
     metrics
         .shutdown_phase
         .set(health.lifecycle().phase() as i64);
+    health.limiter().publish_gauges();
     let mut rsp = Response::new(Full::new(Bytes::from(metrics.encode())));
     rsp.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    rsp
+}
+
+/// `GET /state`: what admission control is doing and every knob that shapes it, as JSON.
+fn state(health: &HealthState) -> AdminResponse {
+    let view = serde_json::json!({
+        "ready": health.readyz().is_ok(),
+        "phase": format!("{:?}", health.lifecycle().phase()).to_lowercase(),
+        "limiter": health.limiter().state(),
+        "coalesce_waiting": health.metrics().coalesce_waiting.get(),
+    });
+    let mut rsp = Response::new(Full::new(Bytes::from(format!("{view:#}\n"))));
+    rsp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
     );
     rsp
 }

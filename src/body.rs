@@ -19,8 +19,10 @@ use crate::limit::Admission;
 pub enum ResponseBody {
     /// Streamed from the app.
     Upstream(UpstreamBody),
-    /// Written by tidegate (refusals, errors); empty when `None` was given.
+    /// Written by tidegate (refusals, errors, coalesced copies); empty when `None` was given.
     Local(Option<Bytes>),
+    /// A coalescing leader's body, copied for the requests waiting for it.
+    Tee(Box<crate::coalesce::TeeBody>),
 }
 
 /// What an exchange with the app holds until it is over: the slot, and the progress clock
@@ -126,6 +128,7 @@ impl Body for ResponseBody {
         match self.get_mut() {
             ResponseBody::Upstream(body) => Pin::new(body).poll_frame(cx),
             ResponseBody::Local(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            ResponseBody::Tee(body) => Pin::new(body.as_mut()).poll_frame(cx),
         }
     }
 
@@ -133,6 +136,7 @@ impl Body for ResponseBody {
         match self {
             ResponseBody::Upstream(body) => body.is_end_stream(),
             ResponseBody::Local(bytes) => bytes.is_none(),
+            ResponseBody::Tee(body) => body.is_end_stream(),
         }
     }
 
@@ -142,6 +146,7 @@ impl Body for ResponseBody {
             ResponseBody::Local(bytes) => {
                 SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
             }
+            ResponseBody::Tee(body) => body.size_hint(),
         }
     }
 }

@@ -16,6 +16,10 @@ pub enum ShedReason {
     RouteFull,
     /// tidegate is draining and takes no new work.
     Draining,
+    /// The queue was overloaded and the request waited longer than `--queue-codel-target`.
+    QueueDelay,
+    /// A request of a higher priority class took the request's place in a full queue.
+    Evicted,
 }
 
 /// A request was refused to protect the app (always answered with a 503).
@@ -24,7 +28,8 @@ pub enum ShedReason {
 pub struct Overloaded {
     /// Why the request was refused.
     pub reason: ShedReason,
-    /// The route's own `Retry-After` base, if it sets one.
+    /// The `Retry-After` base for this refusal, if not `--retry-after`: the route's own, or
+    /// the estimate from the queue (`--retry-after-from-queue`).
     pub retry_after: Option<std::time::Duration>,
 }
 
@@ -124,15 +129,19 @@ impl ShedReason {
             ShedReason::QueueTimeout => "queue-timeout",
             ShedReason::RouteFull => "route-full",
             ShedReason::Draining => "draining",
+            ShedReason::QueueDelay => "queue-delay",
+            ShedReason::Evicted => "evicted",
         }
     }
 
     /// Every reason, for pre-registering metric series.
-    pub const ALL: [ShedReason; 4] = [
+    pub const ALL: [ShedReason; 6] = [
         ShedReason::QueueFull,
         ShedReason::QueueTimeout,
         ShedReason::RouteFull,
         ShedReason::Draining,
+        ShedReason::QueueDelay,
+        ShedReason::Evicted,
     ];
 }
 

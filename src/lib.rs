@@ -25,6 +25,7 @@
 pub mod admin;
 pub mod body;
 pub mod check;
+pub mod coalesce;
 pub mod config;
 pub mod connect;
 pub mod drain;

@@ -45,6 +45,24 @@ pub struct Metrics {
     pub route_concurrency_limit: IntGaugeVec,
     /// `tidegate_queue_limit`: the queue bound.
     pub queue_limit: IntGauge,
+    /// `tidegate_queue_overloaded`: 1 while the queue has not been empty for
+    /// `--queue-codel-interval` (controlled delay and LIFO apply).
+    pub queue_overloaded: IntGauge,
+    /// `tidegate_service_rate`: exchanges with the app completed per second, recently.
+    pub service_rate: prometheus::Gauge,
+    /// `tidegate_adaptive_latency_seconds{window}`: the adaptive limit's inputs, `recent`
+    /// (last window's average) and `baseline` (no-load latency).
+    pub adaptive_latency: prometheus::GaugeVec,
+    /// `tidegate_retry_after_estimate_seconds`: the `Retry-After` estimated from the queue.
+    pub retry_after_estimate: prometheus::Gauge,
+    /// `tidegate_retries_seen_total`: requests classified as retries.
+    pub retries_seen: IntCounter,
+    /// `tidegate_coalesced_requests_total{outcome}`: requests that waited for an identical
+    /// request's response: `shared` (answered with it) or `alone` (sent on their own after
+    /// all: the response could not be shared).
+    pub coalesced: IntCounterVec,
+    /// `tidegate_coalesce_waiting`: requests waiting for an identical request's response.
+    pub coalesce_waiting: IntGauge,
     /// `tidegate_upstream_errors_total{kind}`.
     pub upstream_errors: IntCounterVec,
     /// `tidegate_connections_open`: downstream connections open now.
@@ -230,6 +248,61 @@ impl Metrics {
                     "Requests that may wait for a slot, all routes together",
                 )?,
             )?,
+            queue_overloaded: reg(
+                r,
+                IntGauge::new(
+                    "tidegate_queue_overloaded",
+                    "1 while the queue has stayed non-empty for the controlled-delay interval",
+                )?,
+            )?,
+            service_rate: reg(
+                r,
+                prometheus::Gauge::new(
+                    "tidegate_service_rate",
+                    "Exchanges with the app completed per second, recently",
+                )?,
+            )?,
+            adaptive_latency: reg(
+                r,
+                prometheus::GaugeVec::new(
+                    Opts::new(
+                        "tidegate_adaptive_latency_seconds",
+                        "Inputs of the adaptive limit: recent and baseline (no-load) latency",
+                    ),
+                    &["window"],
+                )?,
+            )?,
+            retry_after_estimate: reg(
+                r,
+                prometheus::Gauge::new(
+                    "tidegate_retry_after_estimate_seconds",
+                    "Retry-After estimated from the queue length and the service rate",
+                )?,
+            )?,
+            retries_seen: reg(
+                r,
+                IntCounter::new(
+                    "tidegate_retries_seen_total",
+                    "Requests classified as retries (queued behind first attempts)",
+                )?,
+            )?,
+            coalesced: reg(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "tidegate_coalesced_requests_total",
+                        "Requests that waited for an identical request's response, by outcome",
+                    ),
+                    &["outcome"],
+                )?,
+            )?,
+            coalesce_waiting: reg(
+                r,
+                IntGauge::new(
+                    "tidegate_coalesce_waiting",
+                    "Requests waiting for an identical request's response",
+                )?,
+            )?,
             upstream_errors: reg(
                 r,
                 IntCounterVec::new(
@@ -405,11 +478,15 @@ impl Metrics {
         for result in ["ok", "error"] {
             m.reloads.with_label_values(&[result]);
         }
+        for outcome in ["shared", "alone"] {
+            m.coalesced.with_label_values(&[outcome]);
+        }
         for path in [
             "/livez",
             "/readyz",
             "/app/livez",
             "/metrics",
+            "/state",
             "/prestop",
             "/drain",
         ] {

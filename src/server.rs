@@ -9,6 +9,7 @@ use std::time::Duration;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::{self, AdminHandle};
+use crate::coalesce::CoalesceLayer;
 use crate::config::{Config, LiveConfig, RuntimeMode};
 use crate::drain::{CloseOnShutdownLayer, DrainOutcome, Lifecycle, Phase};
 use crate::health::{AppChecker, HealthState};
@@ -178,6 +179,11 @@ impl Server {
             close: CloseOnShutdownLayer::new(self.lifecycle.clone()),
             rescue: RescueLayer::new(self.live.clone()),
             screen: ScreenLayer::new(self.live.clone(), self.metrics.clone()),
+            coalesce: CoalesceLayer::new(
+                self.limiter.clone(),
+                self.live.clone(),
+                self.metrics.clone(),
+            ),
             limit: LimitLayer::new(self.limiter.clone()),
             proxy,
         };

@@ -1,11 +1,12 @@
 //! The proxy lane's tower stack, outermost first:
 //! record metrics → `Connection: close` on shutdown → rescue errors → request limits →
-//! admission → proxy.
+//! coalescing → admission → proxy.
 
 use std::net::SocketAddr;
 
 use tower::ServiceBuilder;
 
+use crate::coalesce::{Coalesce, CoalesceLayer};
 use crate::drain::{CloseOnShutdown, CloseOnShutdownLayer};
 use crate::limit::{Limit, LimitLayer};
 use crate::metrics::{Record, RecordLayer};
@@ -14,7 +15,7 @@ use crate::rescue::{Rescue, RescueLayer};
 use crate::screen::{Screen, ScreenLayer};
 
 /// The service one client connection is served by.
-pub type ConnService = Record<CloseOnShutdown<Rescue<Screen<Limit<Proxy>>>>>;
+pub type ConnService = Record<CloseOnShutdown<Rescue<Screen<Coalesce<Limit<Proxy>>>>>>;
 
 /// The layers, built once at start-up and cloned per connection.
 #[derive(Clone, Debug)]
@@ -27,6 +28,8 @@ pub struct ProxyStack {
     pub rescue: RescueLayer,
     /// Request limits checked before admission.
     pub screen: ScreenLayer,
+    /// Route lookup and request coalescing.
+    pub coalesce: CoalesceLayer,
     /// Admission control.
     pub limit: LimitLayer,
     /// The innermost proxy.
@@ -43,7 +46,8 @@ impl ProxyStack {
             .layer(self.close.clone())
             .layer(self.rescue.clone())
             .layer(self.screen.clone())
-            .layer(self.limit.clone())
+            .layer(self.coalesce.clone())
+            .layer(self.limit.for_client(client_addr))
             .service(self.proxy.for_client(client_addr))
     }
 }

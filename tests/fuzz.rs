@@ -66,6 +66,8 @@ fn route() -> impl Strategy<Value = Option<RouteSpec>> {
             timeout: None,
             retry_after: None,
             max_request_body: None,
+            priority: None,
+            coalesce: false,
         })
     })
 }
@@ -145,6 +147,16 @@ fn load(text: &str) -> Result<tidegate::Config, ConfigError> {
 fn config_line() -> impl Strategy<Value = String> {
     let key = prop::sample::select(vec![
         "max_concurrency",
+        "min_concurrency",
+        "max_concurrency_ceiling",
+        "adaptive_algorithm",
+        "reserved_slots",
+        "priority_header",
+        "retry_header",
+        "retry_memory",
+        "queue_codel_target",
+        "queue_lifo",
+        "retry_after_from_queue",
         "max_queue",
         "queue_timeout",
         "retry_after",
@@ -171,6 +183,10 @@ fn config_line() -> impl Strategy<Value = String> {
         "\"1 GiB\"",
         "true",
         "\"json\"",
+        "\"auto\"",
+        "\"aimd\"",
+        "\"x-priority\"",
+        "\"bad header\"",
         "[\"10.0.0.0/8\"]",
         "[\"nope\"]",
         "\"http://127.0.0.1:9\"",
@@ -225,7 +241,7 @@ proptest! {
         }
         let config = load(&text).map_err(|e| TestCaseError::fail(e.to_string()))?;
         let a = &config.args;
-        prop_assert_eq!(a.max_concurrency, Some(max_concurrency));
+        prop_assert_eq!(a.fixed_concurrency(), Some(max_concurrency));
         prop_assert_eq!(a.queue_timeout, Duration::from_millis(queue_ms));
         prop_assert_eq!(a.max_header_bytes.as_u64(), header_kib * 1024);
         prop_assert_eq!(a.max_headers, max_headers);

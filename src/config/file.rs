@@ -12,8 +12,12 @@ use http::Method;
 use ipnet::IpNet;
 use serde::{Deserialize, Deserializer};
 
-use super::{Args, ClientAbort, LogFormat, RuntimeMode, Upstream, parse_cidr, parse_upstream};
-use crate::limit::{PathMatch, RouteSpec};
+use super::{
+    Args, ClientAbort, LogFormat, MaxConcurrency, RuntimeMode, Upstream, parse_cidr,
+    parse_header_name, parse_max_concurrency, parse_upstream,
+};
+use crate::limit::adaptive::Algorithm;
+use crate::limit::{PathMatch, Priority, RouteSpec};
 
 /// A config file that cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -74,7 +78,27 @@ pub(super) struct FileConfig {
     log_format: Option<LogFormat>,
     log: Option<String>,
     access_log: Option<bool>,
-    max_concurrency: Option<u32>,
+    #[serde(default, deserialize_with = "max_concurrency")]
+    max_concurrency: Option<MaxConcurrency>,
+    min_concurrency: Option<u32>,
+    max_concurrency_ceiling: Option<u32>,
+    adaptive_algorithm: Option<Algorithm>,
+    reserved_slots: Option<u32>,
+    #[serde(default, deserialize_with = "header_name")]
+    priority_header: Option<http::HeaderName>,
+    #[serde(default, deserialize_with = "header_name")]
+    retry_header: Option<http::HeaderName>,
+    #[serde(default, with = "humantime_serde")]
+    retry_memory: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    queue_codel_target: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    queue_codel_interval: Option<Duration>,
+    queue_lifo: Option<bool>,
+    coalesce_max_body: Option<ByteSize>,
+    retry_after_from_queue: Option<bool>,
+    #[serde(default, with = "humantime_serde")]
+    retry_after_max: Option<Duration>,
     max_queue: Option<u32>,
     #[serde(default, with = "humantime_serde")]
     queue_timeout: Option<Duration>,
@@ -130,6 +154,10 @@ struct FileRoute {
     retry_after: Option<Duration>,
     /// Largest request body on this route.
     max_request_body: Option<ByteSize>,
+    /// Priority class of the route's requests.
+    priority: Option<Priority>,
+    /// Share one exchange among identical GETs.
+    coalesce: Option<bool>,
 }
 
 /// Reads and parses `path`; returns the settings and a hash of the contents.
@@ -196,6 +224,30 @@ fn upstream<'de, D: Deserializer<'de>>(de: D) -> Result<Option<Upstream>, D::Err
         .map_err(serde::de::Error::custom)
 }
 
+fn max_concurrency<'de, D: Deserializer<'de>>(de: D) -> Result<Option<MaxConcurrency>, D::Error> {
+    /// A number of slots or `"auto"`.
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Value {
+        Number(i64),
+        Text(String),
+    }
+    let text = match Value::deserialize(de)? {
+        Value::Number(n) => n.to_string(),
+        Value::Text(t) => t,
+    };
+    parse_max_concurrency(&text)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
+}
+
+fn header_name<'de, D: Deserializer<'de>>(de: D) -> Result<Option<http::HeaderName>, D::Error> {
+    let value = String::deserialize(de)?;
+    parse_header_name(&value)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
+}
+
 fn cidrs<'de, D: Deserializer<'de>>(de: D) -> Result<Option<Vec<IpNet>>, D::Error> {
     Vec::<String>::deserialize(de)?
         .iter()
@@ -251,6 +303,15 @@ impl FileConfig {
             queue_timeout,
             retry_after,
             retry_after_jitter,
+            min_concurrency,
+            max_concurrency_ceiling,
+            adaptive_algorithm,
+            reserved_slots,
+            queue_codel_interval,
+            queue_lifo,
+            coalesce_max_body,
+            retry_after_from_queue,
+            retry_after_max,
             app_health_interval,
             app_health_timeout,
             app_health_failure_threshold,
@@ -270,6 +331,10 @@ impl FileConfig {
             app_health_path,
             admin_token,
             max_request_body,
+            priority_header,
+            retry_header,
+            retry_memory,
+            queue_codel_target,
         );
         // Routes from flags replace the file's routes as a whole.
         if !explicit.contains("routes") && !self.route.is_empty() {
@@ -328,6 +393,8 @@ impl FileRoute {
             timeout: self.timeout,
             retry_after: self.retry_after,
             max_request_body: self.max_request_body.map(|b| b.as_u64()),
+            priority: self.priority,
+            coalesce: self.coalesce.unwrap_or(false),
         })
     }
 }

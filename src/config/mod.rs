@@ -22,7 +22,8 @@ use serde::Deserialize;
 
 pub use self::file::FileError;
 pub(crate) use self::file::content_hash;
-use crate::limit::{LimitConfig, RouteSpec};
+use crate::limit::adaptive::{AdaptiveConfig, Algorithm};
+use crate::limit::{ClassifyConfig, Discipline, LimitConfig, RouteSpec};
 
 /// Parsed command line of the `tidegate` binary.
 #[derive(Debug, Clone, Parser)]
@@ -153,9 +154,64 @@ pub struct Args {
     #[arg(long, env = "TIDEGATE_ACCESS_LOG", default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
     pub access_log: bool,
 
-    /// Requests in flight to the app at most [default: unlimited]
-    #[arg(long, env = "TIDEGATE_MAX_CONCURRENCY", value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
-    pub max_concurrency: Option<u32>,
+    /// Requests in flight to the app at most, or `auto` to follow the app's latency [default: unlimited]
+    #[arg(long, env = "TIDEGATE_MAX_CONCURRENCY", value_name = "N|auto", value_parser = parse_max_concurrency)]
+    pub max_concurrency: Option<MaxConcurrency>,
+
+    /// With --max-concurrency auto: the lowest limit (also the starting point)
+    #[arg(long, env = "TIDEGATE_MIN_CONCURRENCY", default_value_t = 4, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub min_concurrency: u32,
+
+    /// With --max-concurrency auto: the highest limit
+    #[arg(long, env = "TIDEGATE_MAX_CONCURRENCY_CEILING", default_value_t = 512, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_concurrency_ceiling: u32,
+
+    /// With --max-concurrency auto: how the limit follows latency
+    #[arg(
+        long,
+        env = "TIDEGATE_ADAPTIVE_ALGORITHM",
+        value_enum,
+        default_value = "gradient",
+        value_name = "ALGORITHM"
+    )]
+    pub adaptive_algorithm: Algorithm,
+
+    /// Slots only `critical` requests may take (at most half the limit is ever reserved)
+    #[arg(
+        long,
+        env = "TIDEGATE_RESERVED_SLOTS",
+        default_value_t = 0,
+        value_name = "N"
+    )]
+    pub reserved_slots: u32,
+
+    /// Request header naming the priority class: critical, normal or low [default: route's, else normal]
+    #[arg(long, env = "TIDEGATE_PRIORITY_HEADER", value_name = "NAME", value_parser = parse_header_name)]
+    pub priority_header: Option<http::HeaderName>,
+
+    /// Request header marking a retry (any value but 0): retries queue behind first attempts
+    #[arg(long, env = "TIDEGATE_RETRY_HEADER", value_name = "NAME", value_parser = parse_header_name)]
+    pub retry_header: Option<http::HeaderName>,
+
+    /// Treat a client's requests as retries for this long after it was refused [default: off]
+    #[arg(long, env = "TIDEGATE_RETRY_MEMORY", value_name = "DURATION", value_parser = parse_duration)]
+    pub retry_memory: Option<Duration>,
+
+    /// Once the queue is overloaded, refuse requests that waited longer than this (controlled delay) [default: off]
+    #[arg(long, env = "TIDEGATE_QUEUE_CODEL_TARGET", value_name = "DURATION", value_parser = parse_duration)]
+    pub queue_codel_target: Option<Duration>,
+
+    /// The queue counts as overloaded once it has not been empty for this long
+    #[arg(long, env = "TIDEGATE_QUEUE_CODEL_INTERVAL", default_value = "100ms", value_name = "DURATION", value_parser = parse_duration)]
+    pub queue_codel_interval: Duration,
+
+    /// Serve the newest queued request first while the queue is overloaded (adaptive LIFO)
+    #[arg(long, env = "TIDEGATE_QUEUE_LIFO", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub queue_lifo: bool,
+
+    /// Largest response shared between coalesced requests; larger ones are sent to each alone
+    #[arg(long, env = "TIDEGATE_COALESCE_MAX_BODY", default_value = "1MiB", value_name = "SIZE", value_parser = parse_size)]
+    pub coalesce_max_body: ByteSize,
 
     /// Requests that may wait for a slot, all routes together [default: --max-concurrency]
     #[arg(long, env = "TIDEGATE_MAX_QUEUE", value_name = "N")]
@@ -172,6 +228,14 @@ pub struct Args {
     /// Base Retry-After sent with 503 refusals
     #[arg(long, env = "TIDEGATE_RETRY_AFTER", default_value = "1s", value_name = "DURATION", value_parser = parse_duration)]
     pub retry_after: Duration,
+
+    /// Estimate Retry-After from the queue (queue length over service rate), within --retry-after..=--retry-after-max
+    #[arg(long, env = "TIDEGATE_RETRY_AFTER_FROM_QUEUE", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub retry_after_from_queue: bool,
+
+    /// Largest estimated Retry-After
+    #[arg(long, env = "TIDEGATE_RETRY_AFTER_MAX", default_value = "60s", value_name = "DURATION", value_parser = parse_duration)]
+    pub retry_after_max: Duration,
 
     /// Random extra Retry-After, so refused clients do not return in lockstep
     #[arg(long, env = "TIDEGATE_RETRY_AFTER_JITTER", default_value = "1s", value_name = "DURATION", value_parser = parse_duration)]
@@ -224,6 +288,16 @@ pub struct Args {
     /// Supervisor mode: the app command to run as a child, after `--`
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<String>,
+}
+
+/// `--max-concurrency`: a fixed number of slots, or `auto`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MaxConcurrency {
+    /// At most this many requests in flight.
+    Fixed(u32),
+    /// A limit that follows the app's latency, within `--min-concurrency` and
+    /// `--max-concurrency-ceiling`.
+    Auto,
 }
 
 /// Where the app listens.
@@ -285,6 +359,25 @@ pub enum ConfigError {
         /// The global limit.
         global: u32,
     },
+    /// The adaptive limit's bounds are the wrong way round.
+    #[error("--min-concurrency {min}: must not exceed --max-concurrency-ceiling {max}")]
+    ConcurrencyBounds {
+        /// `--min-concurrency`.
+        min: u32,
+        /// `--max-concurrency-ceiling`.
+        max: u32,
+    },
+    /// Reserved slots need a limit to reserve them from, and must leave room for the rest.
+    #[error("--reserved-slots {reserved}: {why}")]
+    ReservedSlots {
+        /// The value given.
+        reserved: u32,
+        /// What is wrong.
+        why: &'static str,
+    },
+    /// `--retry-after-max` is below `--retry-after`.
+    #[error("--retry-after-max: must not be below --retry-after")]
+    RetryAfterBounds,
     /// The same prefix was given twice.
     #[error("--route {0}: prefix given more than once")]
     DuplicateRoute(String),
@@ -358,17 +451,61 @@ const STATIC_SETTINGS: &[&str] = &[
 // === impl Args ===
 
 impl Args {
+    /// The fixed global limit, if there is one.
+    pub fn fixed_concurrency(&self) -> Option<u32> {
+        match self.max_concurrency {
+            Some(MaxConcurrency::Fixed(n)) => Some(n),
+            _ => None,
+        }
+    }
+
+    /// The most requests that can ever be in flight: the fixed limit, or the adaptive
+    /// limit's ceiling; `None` when unlimited.
+    pub fn concurrency_bound(&self) -> Option<u32> {
+        match self.max_concurrency? {
+            MaxConcurrency::Fixed(n) => Some(n),
+            MaxConcurrency::Auto => Some(self.max_concurrency_ceiling),
+        }
+    }
+
     /// Validates cross-field rules.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.max_queue.is_some() && self.max_concurrency.is_none() && self.routes.is_empty() {
             return Err(ConfigError::QueueWithoutLimit);
+        }
+        if self.min_concurrency > self.max_concurrency_ceiling {
+            return Err(ConfigError::ConcurrencyBounds {
+                min: self.min_concurrency,
+                max: self.max_concurrency_ceiling,
+            });
+        }
+        if self.reserved_slots > 0 {
+            let why = match self.max_concurrency {
+                None => Some("needs --max-concurrency"),
+                Some(MaxConcurrency::Fixed(n)) if self.reserved_slots * 2 > n => {
+                    Some("must be at most half of --max-concurrency")
+                }
+                Some(MaxConcurrency::Auto) if self.reserved_slots * 2 > self.min_concurrency => {
+                    Some("must be at most half of --min-concurrency")
+                }
+                _ => None,
+            };
+            if let Some(why) = why {
+                return Err(ConfigError::ReservedSlots {
+                    reserved: self.reserved_slots,
+                    why,
+                });
+            }
+        }
+        if self.retry_after_max < self.retry_after {
+            return Err(ConfigError::RetryAfterBounds);
         }
         let mut seen = std::collections::HashSet::new();
         for route in &self.routes {
             if !seen.insert(route.key()) {
                 return Err(ConfigError::DuplicateRoute(route.name.clone()));
             }
-            if let (Some(global), Some(limit)) = (self.max_concurrency, route.limit)
+            if let (Some(global), Some(limit)) = (self.concurrency_bound(), route.limit)
                 && limit > global
             {
                 return Err(ConfigError::RouteAboveGlobal {
@@ -391,6 +528,7 @@ impl Args {
             ("progress-window", self.progress_window),
             ("heartbeat-timeout", self.heartbeat_timeout),
             ("idle-timeout", self.idle_timeout),
+            ("queue-codel-interval", self.queue_codel_interval),
         ] {
             if value.is_zero() {
                 return Err(ConfigError::ZeroDuration(name));
@@ -398,6 +536,12 @@ impl Args {
         }
         if self.upstream_timeout.is_some_and(|d| d.is_zero()) {
             return Err(ConfigError::ZeroDuration("upstream-timeout"));
+        }
+        if self.queue_codel_target.is_some_and(|d| d.is_zero()) {
+            return Err(ConfigError::ZeroDuration("queue-codel-target"));
+        }
+        if self.retry_memory.is_some_and(|d| d.is_zero()) {
+            return Err(ConfigError::ZeroDuration("retry-memory"));
         }
         for (name, value, min, max) in [
             (
@@ -540,8 +684,28 @@ impl Config {
 
     /// The limiter's settings.
     pub fn limit_config(&self) -> LimitConfig {
+        let a = &self.args;
         LimitConfig {
-            max_concurrency: self.args.max_concurrency,
+            max_concurrency: a.fixed_concurrency(),
+            adaptive: (a.max_concurrency == Some(MaxConcurrency::Auto)).then_some(AdaptiveConfig {
+                algorithm: a.adaptive_algorithm,
+                min: a.min_concurrency,
+                max: a.max_concurrency_ceiling,
+            }),
+            reserved_slots: a.reserved_slots,
+            discipline: Discipline {
+                codel_target: a.queue_codel_target,
+                codel_interval: a.queue_codel_interval,
+                lifo: a.queue_lifo,
+            },
+            classify: ClassifyConfig {
+                priority_header: a.priority_header.clone(),
+                retry_header: a.retry_header.clone(),
+                retry_memory: a.retry_memory,
+            },
+            retry_after_estimate: a
+                .retry_after_from_queue
+                .then_some((a.retry_after, a.retry_after_max)),
             max_queue: self.max_queue(),
             queue_timeout: self.args.queue_timeout,
             routes: self.args.routes.clone(),
@@ -549,10 +713,10 @@ impl Config {
         }
     }
 
-    /// Effective queue bound: `--max-queue`, else the global limit, else the sum of the route
-    /// limits.
+    /// Effective queue bound: `--max-queue`, else the global limit (the ceiling for `auto`),
+    /// else the sum of the route limits.
     pub fn max_queue(&self) -> usize {
-        match (self.args.max_queue, self.args.max_concurrency) {
+        match (self.args.max_queue, self.args.concurrency_bound()) {
             (Some(q), _) => q as usize,
             (None, Some(n)) => n as usize,
             (None, None) => self
@@ -659,6 +823,25 @@ pub(crate) fn parse_cidr(value: &str) -> Result<IpNet, String> {
         .parse::<IpNet>()
         .or_else(|_| value.parse::<std::net::IpAddr>().map(IpNet::from))
         .map_err(|_| format!("{value:?} is not an IP address or CIDR (e.g. 10.0.0.0/8)"))
+}
+
+pub(crate) fn parse_max_concurrency(value: &str) -> Result<MaxConcurrency, String> {
+    let value = value.trim();
+    if value.eq_ignore_ascii_case("auto") {
+        return Ok(MaxConcurrency::Auto);
+    }
+    match value.parse::<u32>() {
+        Ok(0) => Err("must be at least 1 (or auto)".into()),
+        Ok(n) => Ok(MaxConcurrency::Fixed(n)),
+        Err(_) => Err(format!(
+            "{value:?}: expected a whole number of slots or auto"
+        )),
+    }
+}
+
+pub(crate) fn parse_header_name(value: &str) -> Result<http::HeaderName, String> {
+    http::HeaderName::from_bytes(value.trim().as_bytes())
+        .map_err(|_| format!("{value:?} is not a valid header name"))
 }
 
 fn parse_route(value: &str) -> Result<RouteSpec, String> {

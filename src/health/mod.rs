@@ -146,6 +146,11 @@ impl HealthState {
         &self.shared.live
     }
 
+    /// The admission limiter.
+    pub fn limiter(&self) -> &Limiter {
+        &self.shared.limiter
+    }
+
     /// The metrics.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.shared.metrics

@@ -2,13 +2,14 @@
 //! because hyper drives every request with its own clone of the stack.
 
 use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use http::Request;
 use tower::{Layer, Service, ServiceExt};
 
-use super::{Admission, Limiter};
+use super::{Admission, Limiter, RouteRef};
 use crate::error::{BoxError, Rejected};
 
 /// A request that holds an [`Admission`]; the inner service must keep the admission alive
@@ -25,6 +26,7 @@ pub struct Admitted<R> {
 #[derive(Clone, Debug)]
 pub struct LimitLayer {
     limiter: Limiter,
+    client: Option<IpAddr>,
 }
 
 /// Admits each request through a shared [`Limiter`] before calling the inner service.
@@ -32,6 +34,8 @@ pub struct LimitLayer {
 pub struct Limit<S> {
     inner: S,
     limiter: Limiter,
+    /// The connection's client, for `--retry-memory`.
+    client: Option<IpAddr>,
 }
 
 /// Future returned by [`Limit`].
@@ -42,7 +46,18 @@ pub type ResponseFuture<T> = Pin<Box<dyn Future<Output = Result<T, BoxError>> + 
 impl LimitLayer {
     /// A layer admitting requests through `limiter` (shared by every connection).
     pub fn new(limiter: Limiter) -> LimitLayer {
-        LimitLayer { limiter }
+        LimitLayer {
+            limiter,
+            client: None,
+        }
+    }
+
+    /// The layer for one client connection from `addr`.
+    pub fn for_client(&self, addr: SocketAddr) -> LimitLayer {
+        LimitLayer {
+            limiter: self.limiter.clone(),
+            client: Some(addr.ip().to_canonical()),
+        }
     }
 }
 
@@ -53,6 +68,7 @@ impl<S> Layer<S> for LimitLayer {
         Limit {
             inner,
             limiter: self.limiter.clone(),
+            client: self.client,
         }
     }
 }
@@ -76,18 +92,24 @@ where
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, request: Request<B>) -> Self::Future {
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
         let mut inner = self.inner.clone();
         let limiter = self.limiter.clone();
+        let client = self.client;
         Box::pin(async move {
-            let route = limiter.route(request.method(), request.uri().path());
+            // The coalescing layer in front may have looked the route up already.
+            let route = match request.extensions_mut().remove::<RouteRef>() {
+                Some(route) => route,
+                None => limiter.route(request.method(), request.uri().path()),
+            };
             // A body declared too large is refused before it takes a slot or a queue place.
             if let Some(limit) = route.max_request_body()
                 && declared_length(&request).is_some_and(|len| len > limit)
             {
                 return Err(limiter.reject(Rejected::BodyTooLarge { limit }).into());
             }
-            let admission = limiter.admit(route).await?;
+            let class = limiter.classify(request.headers(), &route, client);
+            let admission = limiter.admit(route, class).await?;
             inner
                 .ready()
                 .await
@@ -135,7 +157,7 @@ mod tests {
                 max_queue: q,
                 queue_timeout: Duration::from_secs(1),
                 routes: vec![],
-                max_request_body: None,
+                ..LimitConfig::default()
             },
             &metrics,
         );

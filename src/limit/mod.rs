@@ -1,20 +1,28 @@
-//! Admission control: a global concurrency cap, per-route bulkheads and one bounded FIFO queue.
+//! Admission control: a global concurrency cap (fixed or adaptive), per-route bulkheads and one
+//! bounded, ordered queue.
 //!
-//! A request first takes its route's permit, then a global one, both from process-wide
-//! semaphores (tokio's are FIFO). When either is not free at once the request takes a place in
-//! the queue (bounded by `--max-queue`, all routes together; a full route may hold at most as
-//! many places as it has slots) and waits at most `--queue-timeout`. A request whose client
-//! disconnects while queued drops its wait and its place. The [`Admission`] it gets is held
-//! until the exchange with the app is over. Limits can change live ([`Limiter::reconfigure`]):
-//! requests holding a slot keep it.
+//! A request first takes its route's permit (a FIFO semaphore), then a global slot from
+//! [`slots`]. When either is not free at once the request takes a place in the queue (bounded
+//! by `--max-queue`, all routes together; a full route may hold at most as many places as it
+//! has slots) and waits at most `--queue-timeout`. The global wait list is ordered by priority
+//! class, then first attempts before retries, then arrival (FIFO, or LIFO under overload), and
+//! expires stale waiters under overload (controlled delay). A request whose client disconnects
+//! while queued drops its wait and its place. The [`Admission`] it gets is held until the
+//! exchange with the app is over; its release is a latency sample for `--max-concurrency auto`
+//! ([`adaptive`]). Limits can change live ([`Limiter::reconfigure`]): requests holding a slot
+//! keep it.
 
+pub mod adaptive;
+mod classify;
 mod gate;
 mod layer;
 mod route;
+mod slots;
+mod state;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -23,9 +31,15 @@ use prometheus::{IntCounter, IntGauge};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
-use self::gate::{Gate, UNLIMITED};
+use self::adaptive::{AdaptiveConfig, Update};
+use self::classify::Classifier;
+pub use self::classify::{ClassifyConfig, RequestClass};
+use self::gate::Gate;
 pub use self::layer::{Admitted, Limit, LimitLayer, ResponseFuture};
 pub use self::route::{PathMatch, RouteSpec, RouteTable};
+pub use self::slots::{AdaptiveView, Discipline, Priority, SlotsView};
+use self::slots::{Joined, Refused, Slots, UNLIMITED};
+pub use self::state::{LimiterState, RouteView};
 use crate::error::{Overloaded, Rejected, ShedReason};
 use crate::metrics::Metrics;
 
@@ -35,8 +49,18 @@ pub const DEFAULT_ROUTE: &str = "default";
 /// Settings of the [`Limiter`].
 #[derive(Debug, Clone, Default)]
 pub struct LimitConfig {
-    /// Global cap on requests in flight; `None` is unlimited.
+    /// Global cap on requests in flight; `None` is unlimited (ignored when `adaptive` is set).
     pub max_concurrency: Option<u32>,
+    /// `--max-concurrency auto`: the bounds and algorithm of the adaptive limit.
+    pub adaptive: Option<AdaptiveConfig>,
+    /// Slots only critical requests may take (at most half the limit).
+    pub reserved_slots: u32,
+    /// Queue order and controlled delay.
+    pub discipline: Discipline,
+    /// How requests are sorted into priority classes and retries.
+    pub classify: ClassifyConfig,
+    /// Estimate `Retry-After` from the queue, within these bounds (`--retry-after-from-queue`).
+    pub retry_after_estimate: Option<(Duration, Duration)>,
     /// Requests that may wait, all routes together.
     pub max_queue: usize,
     /// Longest wait in the queue.
@@ -58,7 +82,8 @@ pub struct Limiter {
 pub struct Admission {
     shared: Arc<Shared>,
     route: Option<Arc<RouteState>>,
-    global: Option<OwnedSemaphorePermit>,
+    /// When the global slot was taken; `None` once released.
+    since: Option<Instant>,
     route_permit: Option<OwnedSemaphorePermit>,
     max_request_body: Option<u64>,
 }
@@ -73,13 +98,18 @@ pub struct RouteRef {
 
 #[derive(Debug)]
 struct Shared {
-    global: Gate,
+    global: Arc<Slots>,
     routes: ArcSwap<Routes>,
     default_route: RouteCounters,
     max_queue: AtomicUsize,
     queue_timeout_ms: AtomicU64,
     /// `--max-request-body` in bytes; `u64::MAX` is unlimited.
     max_request_body: AtomicU64,
+    /// `--retry-after-from-queue` bounds in ms; `(0, 0)` is off.
+    retry_after_bounds_ms: (AtomicU64, AtomicU64),
+    classifier: Classifier,
+    /// The adaptive limit last written to the log.
+    logged_limit: AtomicU32,
     queued: AtomicUsize,
     draining: AtomicBool,
     metrics: Arc<Metrics>,
@@ -133,7 +163,7 @@ impl Limiter {
     /// Builds the limiter and publishes its limits as gauges.
     pub fn new(config: &LimitConfig, metrics: &Arc<Metrics>) -> Limiter {
         let shared = Arc::new(Shared {
-            global: Gate::new(global_size(config)),
+            global: Arc::new(Slots::new(UNLIMITED)),
             routes: ArcSwap::from_pointee(Routes {
                 specs: Vec::new(),
                 table: RouteTable::default(),
@@ -143,6 +173,9 @@ impl Limiter {
             max_queue: AtomicUsize::new(config.max_queue),
             queue_timeout_ms: AtomicU64::new(config.queue_timeout.as_millis() as u64),
             max_request_body: AtomicU64::new(u64::MAX),
+            retry_after_bounds_ms: (AtomicU64::new(0), AtomicU64::new(0)),
+            classifier: Classifier::new(&config.classify),
+            logged_limit: AtomicU32::new(0),
             queued: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
             metrics: metrics.clone(),
@@ -154,10 +187,26 @@ impl Limiter {
 
     /// Applies new limits, queue settings and routes in place. Requests holding a slot keep
     /// it; a lowered limit holds once enough of them have finished. Routes with the same
-    /// pattern and methods keep their slots and counters.
+    /// pattern and methods keep their slots and counters; an adaptive limit keeps what it
+    /// learned.
     pub fn reconfigure(&self, config: &LimitConfig) {
         let shared = &self.shared;
-        shared.global.resize(global_size(config));
+        let limit = shared.global.configure(
+            global_size(config),
+            config.adaptive,
+            config.reserved_slots as usize,
+            config.discipline,
+        );
+        shared.logged_limit.store(limit as u32, Ordering::Relaxed);
+        shared.classifier.reconfigure(&config.classify);
+        let (low, high) = config.retry_after_estimate.map_or((0, 0), |(l, h)| {
+            (l.as_millis() as u64, h.as_millis() as u64)
+        });
+        shared.retry_after_bounds_ms.0.store(low, Ordering::Relaxed);
+        shared
+            .retry_after_bounds_ms
+            .1
+            .store(high, Ordering::Relaxed);
         shared.max_queue.store(config.max_queue, Ordering::Release);
         shared.max_request_body.store(
             config.max_request_body.unwrap_or(u64::MAX),
@@ -178,7 +227,7 @@ impl Limiter {
             .routes
             .iter()
             .map(|spec| {
-                let size = spec.limit.map_or(UNLIMITED, |n| n as usize);
+                let size = spec.limit.map_or(gate::UNLIMITED, |n| n as usize);
                 // A full route may queue at most as many requests as it may run, so that it
                 // cannot fill the shared queue and starve the other routes.
                 let max_waiting = spec
@@ -217,7 +266,7 @@ impl Limiter {
         }));
         metrics
             .concurrency_limit
-            .set(config.max_concurrency.map_or(0, i64::from));
+            .set(if limit == UNLIMITED { 0 } else { limit as i64 });
         metrics.queue_limit.set(config.max_queue as i64);
     }
 
@@ -242,16 +291,40 @@ impl Limiter {
         }
     }
 
-    /// Admits a `method` request for `path`, waiting in the queue if needed.
+    /// The priority class and retry mark of a request on `route` from `client`.
+    pub fn classify(
+        &self,
+        headers: &http::HeaderMap,
+        route: &RouteRef,
+        client: Option<std::net::IpAddr>,
+    ) -> RequestClass {
+        let route_priority = route.route.as_ref().and_then(|r| r.spec.priority);
+        let class = self
+            .shared
+            .classifier
+            .classify(headers, route_priority, client);
+        if class.retry {
+            self.shared.metrics.retries_seen.inc();
+        }
+        class
+    }
+
+    /// Admits a `method` request for `path` as a normal first attempt, waiting in the queue if
+    /// needed.
     ///
     /// Cancel-safe: dropping the future before it resolves leaves the queue and holds nothing.
     pub async fn acquire(&self, method: &Method, path: &str) -> Result<Admission, Overloaded> {
-        self.admit(self.route(method, path)).await
+        self.admit(self.route(method, path), RequestClass::default())
+            .await
     }
 
-    /// Admits a request on `route`, waiting in the queue if needed. Cancel-safe, like
-    /// [`Limiter::acquire`].
-    pub async fn admit(&self, route: RouteRef) -> Result<Admission, Overloaded> {
+    /// Admits a request on `route` of `class`, waiting in the queue if needed. Cancel-safe,
+    /// like [`Limiter::acquire`].
+    pub async fn admit(
+        &self,
+        route: RouteRef,
+        class: RequestClass,
+    ) -> Result<Admission, Overloaded> {
         let shared = &self.shared;
         let RouteRef {
             route,
@@ -260,9 +333,14 @@ impl Limiter {
         let counters = route
             .as_ref()
             .map_or(&shared.default_route, |r| &r.slots.counters);
-        let retry_after = route.as_ref().and_then(|r| r.spec.retry_after);
+        let route_retry_after = route.as_ref().and_then(|r| r.spec.retry_after);
         let refuse = |reason: ShedReason| {
             counters.shed[reason as usize].inc();
+            shared.classifier.note_refused(class.client);
+            let retry_after = match reason {
+                ShedReason::Draining => route_retry_after,
+                _ => route_retry_after.or_else(|| shared.retry_after_estimate()),
+            };
             Overloaded {
                 reason,
                 retry_after,
@@ -272,14 +350,14 @@ impl Limiter {
             return Err(refuse(ShedReason::Draining));
         }
 
-        // Fast path: both permits free, no queueing.
+        // Fast path: both free, no queueing.
         let mut route_permit = match &route {
             Some(r) => r.slots.gate.semaphore().clone().try_acquire_owned().ok(),
             None => None,
         };
         let route_ok = route.is_none() || route_permit.is_some();
-        if route_ok && let Ok(global) = shared.global.semaphore().clone().try_acquire_owned() {
-            return Ok(shared.admit(route, global, route_permit, max_request_body));
+        if route_ok && shared.global.try_acquire(class.priority) {
+            return Ok(shared.admit(route, route_permit, max_request_body));
         }
 
         // Slow path: take a queue place or refuse at once.
@@ -293,14 +371,19 @@ impl Limiter {
             }
             _ => None,
         };
-        let Some(place) = shared.enqueue(counters) else {
-            drop(route_permit);
-            drop(route_wait);
-            return Err(refuse(if route_ok {
-                ShedReason::QueueFull
-            } else {
-                ShedReason::RouteFull
-            }));
+        let place = match shared.enqueue(counters) {
+            Some(place) => place,
+            // A full queue makes room for a better class by pushing out a worse waiter.
+            None if shared.global.evict_below(class.priority) => shared.enqueue_over(counters),
+            None => {
+                drop(route_permit);
+                drop(route_wait);
+                return Err(refuse(if route_ok {
+                    ShedReason::QueueFull
+                } else {
+                    ShedReason::RouteFull
+                }));
+            }
         };
         let start = Instant::now();
         let timeout = Duration::from_millis(shared.queue_timeout_ms.load(Ordering::Acquire));
@@ -309,29 +392,34 @@ impl Limiter {
                 && let Some(r) = &route
             {
                 let sem = r.slots.gate.semaphore().clone();
-                route_permit = Some(sem.acquire_owned().await.map_err(|_| ())?);
+                route_permit = Some(sem.acquire_owned().await.map_err(|_| Refused::Closed)?);
             }
-            shared
-                .global
-                .semaphore()
-                .clone()
-                .acquire_owned()
-                .await
-                .map_err(|_| ())
+            match shared.global.join(class.priority, class.retry)? {
+                Joined::Admitted => Ok(()),
+                Joined::Queued { wait, short: None } => wait.await,
+                Joined::Queued {
+                    wait,
+                    short: Some(short),
+                } => tokio::time::timeout(short, wait)
+                    .await
+                    .unwrap_or(Err(Refused::Expired)),
+            }
         };
         let waited = tokio::time::timeout_at(start + timeout, wait).await;
         drop(route_wait);
         drop(place);
         match waited {
-            Ok(Ok(global)) => {
+            Ok(Ok(())) => {
                 shared
                     .metrics
                     .queue_wait
                     .observe(start.elapsed().as_secs_f64());
-                Ok(shared.admit(route, global, route_permit, max_request_body))
+                Ok(shared.admit(route, route_permit, max_request_body))
             }
-            // A semaphore is closed only when the drain gives up on queued requests.
-            Ok(Err(())) => Err(refuse(ShedReason::Draining)),
+            Ok(Err(Refused::Expired)) => Err(refuse(ShedReason::QueueDelay)),
+            Ok(Err(Refused::Evicted)) => Err(refuse(ShedReason::Evicted)),
+            // Closed only when the drain gives up on queued requests.
+            Ok(Err(Refused::Closed)) => Err(refuse(ShedReason::Draining)),
             Err(_elapsed) => Err(refuse(ShedReason::QueueTimeout)),
         }
     }
@@ -366,6 +454,11 @@ impl Limiter {
     pub fn max_queue(&self) -> usize {
         self.shared.max_queue.load(Ordering::Relaxed)
     }
+
+    /// The `Retry-After` a refusal would carry now with `--retry-after-from-queue`.
+    pub fn retry_after_estimate(&self) -> Option<Duration> {
+        self.shared.retry_after_estimate()
+    }
 }
 
 fn global_size(config: &LimitConfig) -> usize {
@@ -378,7 +471,6 @@ impl Shared {
     fn admit(
         self: &Arc<Self>,
         route: Option<Arc<RouteState>>,
-        global: OwnedSemaphorePermit,
         route_permit: Option<OwnedSemaphorePermit>,
         max_request_body: Option<u64>,
     ) -> Admission {
@@ -391,7 +483,7 @@ impl Shared {
         Admission {
             shared: self.clone(),
             route,
-            global: Some(global),
+            since: Some(Instant::now()),
             route_permit,
             max_request_body,
         }
@@ -399,12 +491,66 @@ impl Shared {
 
     fn enqueue<'a>(&'a self, counters: &'a RouteCounters) -> Option<QueuePlace<'a>> {
         reserve(&self.queued, self.max_queue.load(Ordering::Acquire))?;
+        Some(self.place(counters))
+    }
+
+    /// A place beyond the bound, taken from a waiter that was just evicted (which frees its
+    /// own as soon as its task runs).
+    fn enqueue_over<'a>(&'a self, counters: &'a RouteCounters) -> QueuePlace<'a> {
+        self.queued.fetch_add(1, Ordering::AcqRel);
+        self.place(counters)
+    }
+
+    fn place<'a>(&'a self, counters: &'a RouteCounters) -> QueuePlace<'a> {
         self.metrics.queued.inc();
         counters.queued.inc();
-        Some(QueuePlace {
+        QueuePlace {
             shared: self,
             counters,
-        })
+        }
+    }
+
+    /// Little's law: the time the queue ahead needs at the recent service rate, within the
+    /// configured bounds. `None` when the estimate is off.
+    fn retry_after_estimate(&self) -> Option<Duration> {
+        let low = self.retry_after_bounds_ms.0.load(Ordering::Relaxed);
+        let high = self.retry_after_bounds_ms.1.load(Ordering::Relaxed);
+        if high == 0 {
+            return None;
+        }
+        let rate = self.global.service_rate();
+        let ahead = self.queued.load(Ordering::Relaxed) as f64 + 1.0;
+        let ms = if rate > 0.0 {
+            (ahead / rate * 1000.0) as u64
+        } else {
+            high
+        };
+        Some(Duration::from_millis(ms.clamp(low, high)))
+    }
+
+    /// Publishes an adaptive limit's move, and logs it when it is large.
+    fn on_update(&self, update: Update) {
+        self.metrics.concurrency_limit.set(i64::from(update.limit));
+        if update.probe {
+            tracing::debug!(
+                limit = update.limit,
+                baseline_latency_ms = update.baseline.as_secs_f64() * 1e3,
+                "Adaptive concurrency baseline probe"
+            );
+            return;
+        }
+        let logged = self.logged_limit.load(Ordering::Relaxed);
+        let moved = update.limit.abs_diff(logged);
+        if moved >= 2 && moved as f64 >= 0.25 * logged as f64 {
+            self.logged_limit.store(update.limit, Ordering::Relaxed);
+            tracing::info!(
+                limit = update.limit,
+                previous = logged,
+                recent_latency_ms = update.recent.as_secs_f64() * 1e3,
+                baseline_latency_ms = update.baseline.as_secs_f64() * 1e3,
+                "Adaptive concurrency limit moved"
+            );
+        }
     }
 }
 
@@ -455,6 +601,16 @@ impl RouteRef {
     pub fn max_request_body(&self) -> Option<u64> {
         self.max_request_body
     }
+
+    /// Whether the route shares identical GETs (`coalesce = true`).
+    pub fn coalesces(&self) -> bool {
+        self.route.as_ref().is_some_and(|r| r.spec.coalesce)
+    }
+
+    /// The route's metrics label.
+    pub fn name(&self) -> &str {
+        self.route.as_ref().map_or(DEFAULT_ROUTE, |r| &r.spec.name)
+    }
 }
 
 // === impl Admission ===
@@ -475,8 +631,10 @@ impl Drop for Admission {
     fn drop(&mut self) {
         let shared = &self.shared;
         shared.metrics.in_flight.dec();
-        if let Some(permit) = self.global.take() {
-            shared.global.release(permit);
+        if let Some(since) = self.since.take()
+            && let Some(update) = shared.global.release(since.elapsed())
+        {
+            shared.on_update(update);
         }
         match &self.route {
             Some(route) => {
@@ -503,7 +661,7 @@ mod tests {
                 .iter()
                 .map(|r| RouteSpec::parse_flag(r).unwrap())
                 .collect(),
-            max_request_body: None,
+            ..LimitConfig::default()
         }
     }
 

@@ -1,5 +1,5 @@
 //! Routes: what a request matches (path prefix, exact path or glob, optional methods) and the
-//! per-route settings (slot limit, upstream timeout, `Retry-After`).
+//! per-route settings (slot limit, upstream timeout, `Retry-After`, priority, coalescing).
 //!
 //! Matching order: exact paths first, then globs in the order given, then the longest prefix.
 //! Prefixes match segment-wise: `/slow` matches `/slow` and `/slow/x`, not `/slowly`.
@@ -36,6 +36,10 @@ pub struct RouteSpec {
     pub retry_after: Option<Duration>,
     /// Largest request body in bytes on this route (overrides `--max-request-body`).
     pub max_request_body: Option<u64>,
+    /// Priority class of the route's requests (a `--priority-header` on the request wins).
+    pub priority: Option<super::Priority>,
+    /// Identical idempotent GETs share one exchange with the app (see `coalesce`).
+    pub coalesce: bool,
 }
 
 /// Routes ordered for matching.
@@ -140,6 +144,8 @@ impl RouteSpec {
             timeout: None,
             retry_after: None,
             max_request_body: None,
+            priority: None,
+            coalesce: false,
         })
     }
 
@@ -227,6 +233,8 @@ mod tests {
             timeout: None,
             retry_after: None,
             max_request_body: None,
+            priority: None,
+            coalesce: false,
         });
         r.push(RouteSpec {
             name: "health".into(),
@@ -236,6 +244,8 @@ mod tests {
             timeout: None,
             retry_after: None,
             max_request_body: None,
+            priority: None,
+            coalesce: false,
         });
         assert_eq!(find(&r, Method::GET, "/api/health"), Some(2));
         assert_eq!(find(&r, Method::POST, "/api/users/export"), Some(1));

@@ -249,7 +249,7 @@ impl ConnectionLimit {
     fn current(&mut self, config: &Config) -> usize {
         let configured = config.args.max_connections as usize;
         let max = self.nofile.map_or(configured, |n| {
-            configured.min(fds::connection_ceiling(n, config.args.max_concurrency))
+            configured.min(fds::connection_ceiling(n, config.args.concurrency_bound()))
         });
         if max < configured && !self.warned {
             tracing::warn!(

@@ -1,0 +1,574 @@
+//! Request coalescing: identical idempotent GETs share one exchange with the app.
+//!
+//! Opt-in per route (`coalesce = true`). The first eligible request for a key (the *leader*)
+//! goes through admission to the app as usual; identical requests arriving while it is in
+//! flight (*followers*) take no slot and no queue place: they wait for the leader's response
+//! and get a copy of it. This is the "cache the hot route" fix for a burst of identical
+//! expensive requests, without a cache server.
+//!
+//! - **Key**: method, authority, path and query, plus the request's `Authorization` and
+//!   `Cookie` (different users never share), and, checked once the response is known, the
+//!   request headers it names in `Vary`.
+//! - **Eligible requests**: `GET` or `HEAD` without a body, not an upgrade, and without
+//!   `Cache-Control: no-store`/`no-cache` or `Pragma: no-cache`.
+//! - **Shareable responses**: not `Cache-Control: no-store`/`private`, no `Set-Cookie`, no
+//!   `Vary: *`, no trailers, and a body of at most `--coalesce-max-body`. Otherwise, or if the
+//!   leader fails (an error, a refusal, its client leaving before the head), followers are sent
+//!   to the app on their own, as if coalescing were off.
+//!
+//! The leader's client gets its body streamed as usual; followers get the copy when the body
+//! is complete.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use bytes::{Bytes, BytesMut};
+use http::header::{
+    AUTHORIZATION, CACHE_CONTROL, CONTENT_LENGTH, COOKIE, HOST, PRAGMA, SET_COOKIE,
+    TRANSFER_ENCODING, UPGRADE, VARY,
+};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
+use http_body::{Body, Frame, SizeHint};
+use tokio::sync::watch;
+use tower::{Layer, Service};
+
+use crate::body::ResponseBody;
+use crate::config::LiveConfig;
+use crate::error::BoxError;
+use crate::limit::Limiter;
+use crate::metrics::Metrics;
+
+/// Layer producing [`Coalesce`].
+#[derive(Clone, Debug)]
+pub struct CoalesceLayer {
+    shared: Arc<Shared>,
+}
+
+/// Looks up each request's route, and lets identical GETs on coalescing routes share one
+/// exchange with the app.
+#[derive(Clone, Debug)]
+pub struct Coalesce<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+/// Future returned by [`Coalesce`].
+pub type ResponseFuture =
+    Pin<Box<dyn Future<Output = Result<Response<ResponseBody>, BoxError>> + Send>>;
+
+#[derive(Debug)]
+struct Shared {
+    limiter: Limiter,
+    live: LiveConfig,
+    metrics: Arc<Metrics>,
+    flights: Mutex<HashMap<Key, Arc<Flight>>>,
+}
+
+/// What identical requests have in common.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Key {
+    method: Method,
+    authority: Bytes,
+    path_and_query: Bytes,
+    authorization: Option<Bytes>,
+    cookie: Option<Bytes>,
+}
+
+/// One leader's exchange, as followers see it.
+#[derive(Debug)]
+struct Flight {
+    outcome: watch::Sender<Option<Arc<Outcome>>>,
+    /// The leader's request headers, to compare the ones the response's `Vary` names.
+    request_headers: HeaderMap,
+}
+
+#[derive(Debug)]
+enum Outcome {
+    /// The response, complete, for followers whose `Vary` headers match the leader's.
+    Shared(SharedResponse),
+    /// Followers go to the app on their own.
+    Alone,
+}
+
+#[derive(Debug)]
+struct SharedResponse {
+    status: StatusCode,
+    version: Version,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+/// Held by the leader until it publishes; publishes `Alone` if dropped first.
+#[derive(Debug)]
+struct Publisher {
+    shared: Arc<Shared>,
+    key: Key,
+    flight: Arc<Flight>,
+}
+
+/// The leader's response body: streamed to its client and copied for the followers.
+#[derive(Debug)]
+pub struct TeeBody {
+    inner: ResponseBody,
+    copy: BytesMut,
+    max: usize,
+    head: Option<(StatusCode, Version, HeaderMap)>,
+    publisher: Option<Publisher>,
+}
+
+/// Counts a follower waiting.
+struct Waiting<'a>(&'a Metrics);
+
+// === impl CoalesceLayer ===
+
+impl CoalesceLayer {
+    /// A layer sharing one set of flights across every connection.
+    pub fn new(limiter: Limiter, live: LiveConfig, metrics: Arc<Metrics>) -> CoalesceLayer {
+        CoalesceLayer {
+            shared: Arc::new(Shared {
+                limiter,
+                live,
+                metrics,
+                flights: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+}
+
+impl<S> Layer<S> for CoalesceLayer {
+    type Service = Coalesce<S>;
+
+    fn layer(&self, inner: S) -> Coalesce<S> {
+        Coalesce {
+            inner,
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+// === impl Coalesce ===
+
+impl<S, B> Service<Request<B>> for Coalesce<S>
+where
+    S: Service<Request<B>, Response = Response<ResponseBody>> + Clone + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+    B: Body + Send + 'static,
+{
+    type Response = Response<ResponseBody>;
+    type Error = BoxError;
+    type Future = ResponseFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
+        let shared = &self.shared;
+        let route = shared.limiter.route(request.method(), request.uri().path());
+        let coalesces = route.coalesces();
+        request.extensions_mut().insert(route);
+        let key = if coalesces { key(&request) } else { None };
+        let Some(key) = key else {
+            let future = self.inner.call(request);
+            return Box::pin(async move { future.await.map_err(Into::into) });
+        };
+        // The clone is ready (tower's contract) only if this one is: swap them.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let shared = shared.clone();
+        Box::pin(async move {
+            let joined = shared.join(&key, request.headers());
+            match joined {
+                Joined::Leader(publisher) => {
+                    let response = inner.call(request).await.map_err(Into::into)?;
+                    Ok(publisher.publish(response, &shared))
+                }
+                Joined::Follower(flight) => match shared.follow(&flight, request.headers()).await {
+                    Some(response) => Ok(response),
+                    None => inner.call(request).await.map_err(Into::into),
+                },
+            }
+        })
+    }
+}
+
+enum Joined {
+    Leader(Publisher),
+    Follower(Arc<Flight>),
+}
+
+// === impl Shared ===
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Arc<Flight>>> {
+        self.flights.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn join(self: &Arc<Self>, key: &Key, headers: &HeaderMap) -> Joined {
+        let mut flights = self.lock();
+        if let Some(flight) = flights.get(key) {
+            return Joined::Follower(flight.clone());
+        }
+        let (outcome, _) = watch::channel(None);
+        let flight = Arc::new(Flight {
+            outcome,
+            request_headers: headers.clone(),
+        });
+        flights.insert(key.clone(), flight.clone());
+        Joined::Leader(Publisher {
+            shared: self.clone(),
+            key: key.clone(),
+            flight,
+        })
+    }
+
+    /// Waits for the leader; the shared response, or `None` to go to the app alone.
+    async fn follow(&self, flight: &Flight, headers: &HeaderMap) -> Option<Response<ResponseBody>> {
+        let mut outcome = flight.outcome.subscribe();
+        let waiting = Waiting::new(&self.metrics);
+        let result = outcome
+            .wait_for(Option::is_some)
+            .await
+            .ok()
+            .and_then(|o| o.clone());
+        drop(waiting);
+        let response = match result.as_deref() {
+            Some(Outcome::Shared(response))
+                if vary_matches(&response.headers, &flight.request_headers, headers) =>
+            {
+                Some(response.to_response())
+            }
+            _ => None,
+        };
+        let label = if response.is_some() {
+            "shared"
+        } else {
+            "alone"
+        };
+        self.metrics.coalesced.with_label_values(&[label]).inc();
+        response
+    }
+}
+
+// === impl Publisher ===
+
+impl Publisher {
+    /// Hands the leader's response back to its client, and to the followers once complete
+    /// (or sends them alone if it cannot be shared).
+    fn publish(self, response: Response<ResponseBody>, shared: &Shared) -> Response<ResponseBody> {
+        if !shareable(response.headers()) {
+            self.finish(Outcome::Alone);
+            return response;
+        }
+        let max = shared.live.peek().args.coalesce_max_body.as_u64() as usize;
+        let (parts, body) = response.into_parts();
+        let declared = body.size_hint().upper();
+        if declared.is_some_and(|n| n as usize > max) {
+            self.finish(Outcome::Alone);
+            return Response::from_parts(parts, body);
+        }
+        let mut tee = TeeBody {
+            inner: body,
+            copy: BytesMut::new(),
+            max,
+            head: Some((parts.status, parts.version, parts.headers.clone())),
+            publisher: Some(self),
+        };
+        // An empty body (HEAD, 204, 304, `Content-Length: 0`) may never be polled.
+        if tee.inner.is_end_stream() {
+            tee.complete();
+        }
+        Response::from_parts(parts, ResponseBody::Tee(Box::new(tee)))
+    }
+
+    fn finish(mut self, outcome: Outcome) {
+        self.send(outcome);
+    }
+
+    fn send(&mut self, outcome: Outcome) {
+        // Later requests start a new flight from here on.
+        let mut flights = self.shared.lock();
+        if flights
+            .get(&self.key)
+            .is_some_and(|f| Arc::ptr_eq(f, &self.flight))
+        {
+            flights.remove(&self.key);
+        }
+        drop(flights);
+        self.flight.outcome.send_replace(Some(Arc::new(outcome)));
+    }
+}
+
+impl Drop for Publisher {
+    fn drop(&mut self) {
+        if self.flight.outcome.borrow().is_none() {
+            self.send(Outcome::Alone);
+        }
+    }
+}
+
+// === impl TeeBody ===
+
+impl Body for TeeBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let frame = std::task::ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        match &frame {
+            Some(Ok(frame)) => match frame.data_ref() {
+                Some(data) if this.copy.len() + data.len() <= this.max => {
+                    this.copy.extend_from_slice(data)
+                }
+                // Too large to share, or trailers: followers go alone.
+                _ => this.give_up(),
+            },
+            Some(Err(_)) => this.give_up(),
+            None => this.complete(),
+        }
+        if frame.is_some() && this.inner.is_end_stream() {
+            this.complete();
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl TeeBody {
+    fn give_up(&mut self) {
+        if let Some(publisher) = self.publisher.take() {
+            publisher.finish(Outcome::Alone);
+        }
+    }
+
+    fn complete(&mut self) {
+        if let (Some(publisher), Some((status, version, headers))) =
+            (self.publisher.take(), self.head.take())
+        {
+            let body = std::mem::take(&mut self.copy).freeze();
+            publisher.finish(Outcome::Shared(SharedResponse {
+                status,
+                version,
+                headers,
+                body,
+            }));
+        }
+    }
+}
+
+// === impl SharedResponse ===
+
+impl SharedResponse {
+    fn to_response(&self) -> Response<ResponseBody> {
+        let mut response = Response::new(ResponseBody::Local(
+            (!self.body.is_empty()).then(|| self.body.clone()),
+        ));
+        *response.status_mut() = self.status;
+        *response.version_mut() = self.version;
+        *response.headers_mut() = self.headers.clone();
+        response
+    }
+}
+
+// === impl Waiting ===
+
+impl<'a> Waiting<'a> {
+    fn new(metrics: &'a Metrics) -> Waiting<'a> {
+        metrics.coalesce_waiting.inc();
+        Waiting(metrics)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.coalesce_waiting.dec();
+    }
+}
+
+/// The request's key, if it may be coalesced at all.
+fn key<B: Body>(request: &Request<B>) -> Option<Key> {
+    let headers = request.headers();
+    let method = request.method();
+    if method != Method::GET && method != Method::HEAD {
+        return None;
+    }
+    let has_body = !request.body().is_end_stream()
+        && (headers.contains_key(TRANSFER_ENCODING)
+            || headers
+                .get(CONTENT_LENGTH)
+                .is_some_and(|v| v.as_bytes() != b"0"));
+    let no_cache = directive(headers, CACHE_CONTROL, &["no-store", "no-cache"])
+        || directive(headers, PRAGMA, &["no-cache"]);
+    if has_body || no_cache || headers.contains_key(UPGRADE) {
+        return None;
+    }
+    let authority = match request.uri().authority() {
+        Some(a) => Bytes::copy_from_slice(a.as_str().as_bytes()),
+        None => headers
+            .get(HOST)
+            .map_or_else(Bytes::new, |h| Bytes::copy_from_slice(h.as_bytes())),
+    };
+    let path_and_query = request.uri().path_and_query().map_or_else(
+        || Bytes::from_static(b"/"),
+        |p| Bytes::copy_from_slice(p.as_str().as_bytes()),
+    );
+    let joined = |name| {
+        let mut values = headers.get_all(name).iter().peekable();
+        values.peek()?;
+        Some(Bytes::from(
+            values
+                .map(|v| v.as_bytes())
+                .collect::<Vec<_>>()
+                .join(&b'\n'),
+        ))
+    };
+    Some(Key {
+        method: method.clone(),
+        authority,
+        path_and_query,
+        authorization: joined(AUTHORIZATION),
+        cookie: joined(COOKIE),
+    })
+}
+
+/// Whether a response may be given to other clients.
+fn shareable(headers: &HeaderMap) -> bool {
+    let vary_any = headers.get_all(VARY).iter().any(|v| {
+        v.as_bytes()
+            .split(|&b| b == b',')
+            .any(|t| t.trim_ascii() == b"*")
+    });
+    !vary_any
+        && !headers.contains_key(SET_COOKIE)
+        && !directive(headers, CACHE_CONTROL, &["no-store", "private"])
+}
+
+/// Whether a follower's request matches the leader's on every header the response varies by.
+fn vary_matches(response: &HeaderMap, leader: &HeaderMap, follower: &HeaderMap) -> bool {
+    response
+        .get_all(VARY)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|name| !name.is_empty())
+        .all(|name| {
+            let Ok(name) = http::HeaderName::from_bytes(name) else {
+                return false;
+            };
+            leader
+                .get_all(&name)
+                .iter()
+                .eq(follower.get_all(&name).iter())
+        })
+}
+
+/// Whether a comma-separated header has one of `names` as a directive (`max-age=0, no-store`).
+fn directive(headers: &HeaderMap, header: http::HeaderName, names: &[&str]) -> bool {
+    headers.get_all(header).iter().any(|value| {
+        value.as_bytes().split(|&b| b == b',').any(|d| {
+            let name = d
+                .split(|&b| b == b'=')
+                .next()
+                .unwrap_or_default()
+                .trim_ascii();
+            names
+                .iter()
+                .any(|n| name.eq_ignore_ascii_case(n.as_bytes()))
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        pairs
+            .iter()
+            .map(|(k, v)| (http::HeaderName::from_static(k), v.parse().unwrap()))
+            .collect()
+    }
+
+    fn request(method: Method, pairs: &[(&'static str, &'static str)]) -> Request<String> {
+        let mut r = Request::builder()
+            .method(method)
+            .uri("/hot?q=1")
+            .body(String::new())
+            .unwrap();
+        *r.headers_mut() = headers(pairs);
+        r
+    }
+
+    #[test]
+    fn only_plain_idempotent_reads_have_a_key() {
+        assert!(key(&request(Method::GET, &[("host", "a")])).is_some());
+        assert!(key(&request(Method::HEAD, &[])).is_some());
+        assert!(key(&request(Method::POST, &[])).is_none());
+        assert!(
+            key(&request(
+                Method::GET,
+                &[("cache-control", "max-age=0, no-store")]
+            ))
+            .is_none()
+        );
+        assert!(key(&request(Method::GET, &[("cache-control", "No-Cache")])).is_none());
+        assert!(key(&request(Method::GET, &[("pragma", "no-cache")])).is_none());
+        assert!(key(&request(Method::GET, &[("upgrade", "websocket")])).is_none());
+    }
+
+    #[test]
+    fn users_and_hosts_do_not_share() {
+        let a = key(&request(Method::GET, &[("host", "a"), ("cookie", "s=1")]));
+        let b = key(&request(Method::GET, &[("host", "a"), ("cookie", "s=2")]));
+        let c = key(&request(Method::GET, &[("host", "b"), ("cookie", "s=1")]));
+        let d = key(&request(Method::GET, &[("host", "a"), ("cookie", "s=1")]));
+        assert_ne!(a, b);
+        assert_ne!(a, c);
+        assert_eq!(a, d);
+        let auth = key(&request(
+            Method::GET,
+            &[("host", "a"), ("authorization", "Bearer x")],
+        ));
+        assert_ne!(key(&request(Method::GET, &[("host", "a")])), auth);
+    }
+
+    #[test]
+    fn private_or_cookie_setting_responses_are_not_shared() {
+        assert!(shareable(&headers(&[(
+            "cache-control",
+            "public, max-age=5"
+        )])));
+        assert!(!shareable(&headers(&[("cache-control", "private")])));
+        assert!(!shareable(&headers(&[("cache-control", "no-store")])));
+        assert!(!shareable(&headers(&[("set-cookie", "a=b")])));
+        assert!(!shareable(&headers(&[("vary", "accept, *")])));
+    }
+
+    #[test]
+    fn vary_compares_the_named_request_headers() {
+        let response = headers(&[("vary", "Accept-Encoding, accept-language")]);
+        let leader = headers(&[("accept-encoding", "gzip"), ("accept-language", "en")]);
+        let same = headers(&[("accept-encoding", "gzip"), ("accept-language", "en")]);
+        let other = headers(&[("accept-encoding", "br"), ("accept-language", "en")]);
+        let missing = headers(&[("accept-language", "en")]);
+        assert!(vary_matches(&response, &leader, &same));
+        assert!(!vary_matches(&response, &leader, &other));
+        assert!(!vary_matches(&response, &leader, &missing));
+        assert!(vary_matches(&HeaderMap::new(), &leader, &other));
+    }
+}

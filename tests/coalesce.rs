@@ -1,0 +1,332 @@
+//! Request coalescing over real sockets: identical GETs on a coalescing route share one
+//! exchange with the app; what must not be shared never is.
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
+
+/// An app that holds every request until released and answers with the request's hit
+/// number, plus response headers chosen by path.
+struct HeldApp {
+    upstream: Upstream,
+    release: Arc<Semaphore>,
+}
+
+impl HeldApp {
+    async fn start() -> HeldApp {
+        let release = Arc::new(Semaphore::new(0));
+        let count = Arc::new(AtomicUsize::new(0));
+        let (r, c) = (release.clone(), count.clone());
+        let upstream = upstream(move |req: Request<Incoming>| {
+            let (r, c) = (r.clone(), c.clone());
+            async move {
+                let n = c.fetch_add(1, Ordering::SeqCst) + 1;
+                r.acquire().await.unwrap().forget();
+                let mut rsp = Response::builder().header("x-hit", n.to_string());
+                let path = req.uri().path();
+                if path.ends_with("/private") {
+                    rsp = rsp.header("cache-control", "private");
+                }
+                if path.ends_with("/cookie") {
+                    rsp = rsp.header("set-cookie", "session=abc");
+                }
+                if path.ends_with("/vary") {
+                    rsp = rsp.header("vary", "Accept-Language");
+                }
+                if path.ends_with("/big") {
+                    return rsp.body(full(vec![b'x'; 64 * 1024])).unwrap();
+                }
+                rsp.body(full(format!("hot data {n} for {}", req.uri())))
+                    .unwrap()
+            }
+        })
+        .await;
+        HeldApp { upstream, release }
+    }
+
+    fn hits(&self) -> usize {
+        self.upstream.hits.load(Ordering::SeqCst)
+    }
+}
+
+async fn coalescing_tidegate(app: &HeldApp, extra: &[&str]) -> Tidegate {
+    let dir = std::env::temp_dir().join(format!(
+        "tidegate-coalesce-{}-{}",
+        std::process::id(),
+        fastrand::u64(..)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("routes.toml");
+    std::fs::write(
+        &file,
+        "[[route]]\nprefix = \"/hot\"\ncoalesce = true\n\n[[route]]\nprefix = \"/plain\"\n",
+    )
+    .unwrap();
+    let mut args = vec!["--config", file.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    tidegate(app.upstream.addr, &args).await
+}
+
+/// Sends one raw HTTP/1.1 request on its own connection and reads the whole response.
+async fn raw_request(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &str,
+) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let body = if method == "POST" {
+        "content-length: 0\r\n"
+    } else {
+        ""
+    };
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nhost: app.local\r\n{headers}{body}connection: close\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut text = Vec::new();
+    stream.read_to_end(&mut text).await.unwrap();
+    let text = String::from_utf8_lossy(&text).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, text)
+}
+
+fn body_of(text: &str) -> &str {
+    text.split_once("\r\n\r\n").map_or("", |(_, b)| b)
+}
+
+/// Raises this test process's open-file limit: 1,000 clients and the in-process tidegate's
+/// 1,000 accepted connections live in the same process.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_identical_gets_make_one_upstream_request() {
+    raise_fd_limit();
+    const N: usize = 1000;
+    let app = HeldApp::start().await;
+    let tg = coalescing_tidegate(&app, &["--max-concurrency", "4"]).await;
+    let addr = tg.addr;
+    let requests: Vec<_> = (0..N)
+        .map(|_| tokio::spawn(async move { raw_request(addr, "GET", "/hot/item?id=7", "").await }))
+        .collect();
+    eventually(
+        "one leader at the app, the rest waiting",
+        Duration::from_secs(60),
+        || tg.metrics.coalesce_waiting.get() == (N - 1) as i64,
+    )
+    .await;
+    assert_eq!(app.hits(), 1, "only the leader reached the app");
+    assert_eq!(tg.metrics.queued.get(), 0, "followers take no queue place");
+    assert_eq!(tg.metrics.in_flight.get(), 1, "followers take no slot");
+    app.release.add_permits(1);
+    for r in requests {
+        let (status, text) = r.await.unwrap();
+        assert_eq!(status, 200, "{text}");
+        assert_eq!(body_of(&text), "hot data 1 for /hot/item?id=7");
+        assert!(text.to_ascii_lowercase().contains("x-hit: 1\r\n"), "{text}");
+    }
+    assert_eq!(app.hits(), 1);
+    assert_eq!(
+        metric(
+            tg.admin,
+            "tidegate_coalesced_requests_total{outcome=\"shared\"}"
+        )
+        .await,
+        Some((N - 1) as f64)
+    );
+    // The flight is over: the next identical GET goes to the app again.
+    app.release.add_permits(1);
+    let (status, text) = raw_request(addr, "GET", "/hot/item?id=7", "").await;
+    assert_eq!(status, 200);
+    assert_eq!(body_of(&text), "hot data 2 for /hot/item?id=7");
+}
+
+/// Sends `n` identical requests at once, waits until `arrived` of them reached the app and the
+/// rest (if coalesced) wait, releases them all and returns the responses.
+async fn burst(
+    tg: &Tidegate,
+    app: &HeldApp,
+    n: usize,
+    method: &'static str,
+    path: &'static str,
+    headers: impl Fn(usize) -> String,
+) -> Vec<(u16, String)> {
+    let addr = tg.addr;
+    let before = app.hits();
+    let waiting_before = tg.metrics.coalesce_waiting.get();
+    let requests: Vec<_> = (0..n)
+        .map(|i| {
+            let h = headers(i);
+            tokio::spawn(async move { raw_request(addr, method, path, &h).await })
+        })
+        .collect();
+    eventually(
+        "every request reached the app or waits for one that did",
+        Duration::from_secs(20),
+        || {
+            let at_app = app.hits() - before;
+            let waiting = (tg.metrics.coalesce_waiting.get() - waiting_before) as usize;
+            at_app >= 1 && at_app + waiting == n
+        },
+    )
+    .await;
+    app.release.add_permits(n);
+    let mut out = Vec::new();
+    for r in requests {
+        out.push(r.await.unwrap());
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsafe_or_uncacheable_requests_are_never_coalesced() {
+    let app = HeldApp::start().await;
+    let tg = coalescing_tidegate(&app, &[]).await;
+    let n = 8;
+    type Case = (
+        &'static str,
+        &'static str,
+        &'static str,
+        fn(usize) -> String,
+    );
+    let cases: [Case; 5] = [
+        ("POST", "POST", "/hot/item", |_| String::new()),
+        ("no-store", "GET", "/hot/item", |_| {
+            "cache-control: no-store\r\n".into()
+        }),
+        ("no-cache", "GET", "/hot/item", |_| {
+            "pragma: no-cache\r\n".into()
+        }),
+        ("different cookies", "GET", "/hot/item", |i| {
+            format!("cookie: user={i}\r\n")
+        }),
+        ("route without coalesce", "GET", "/plain/item", |_| {
+            String::new()
+        }),
+    ];
+    for (what, method, path, headers) in cases {
+        let before = app.hits();
+        let responses = burst(&tg, &app, n, method, path, headers).await;
+        assert_eq!(
+            app.hits() - before,
+            n,
+            "{what}: each request reached the app"
+        );
+        assert!(responses.iter().all(|(s, _)| *s == 200), "{what}");
+        let mut bodies: Vec<_> = responses
+            .iter()
+            .map(|(_, t)| body_of(t).to_owned())
+            .collect();
+        bodies.sort();
+        bodies.dedup();
+        assert_eq!(
+            bodies.len(),
+            n,
+            "{what}: every response is the request's own"
+        );
+    }
+    assert_eq!(tg.metrics.coalesce_waiting.get(), 0);
+    assert_eq!(
+        metric(
+            tg.admin,
+            "tidegate_coalesced_requests_total{outcome=\"shared\"}"
+        )
+        .await,
+        Some(0.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_that_must_not_be_shared_send_followers_alone() {
+    let app = HeldApp::start().await;
+    let tg = coalescing_tidegate(&app, &["--coalesce-max-body", "16KiB"]).await;
+    let n = 6;
+    for path in ["/hot/private", "/hot/cookie", "/hot/big"] {
+        let before = app.hits();
+        let addr = tg.addr;
+        let requests: Vec<_> = (0..n)
+            .map(|_| tokio::spawn(async move { raw_request(addr, "GET", path, "").await }))
+            .collect();
+        eventually(
+            "followers wait for the leader",
+            Duration::from_secs(20),
+            || tg.metrics.coalesce_waiting.get() == (n - 1) as i64,
+        )
+        .await;
+        assert_eq!(app.hits() - before, 1);
+        // The leader's response cannot be shared: the followers go to the app themselves.
+        app.release.add_permits(n);
+        for r in requests {
+            assert_eq!(r.await.unwrap().0, 200, "{path}");
+        }
+        assert_eq!(app.hits() - before, n, "{path}: followers were sent alone");
+    }
+    assert_eq!(
+        metric(
+            tg.admin,
+            "tidegate_coalesced_requests_total{outcome=\"alone\"}"
+        )
+        .await,
+        Some((3 * (n - 1)) as f64)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vary_decides_who_may_share() {
+    let app = HeldApp::start().await;
+    let tg = coalescing_tidegate(&app, &[]).await;
+    let addr = tg.addr;
+    let before = app.hits();
+    let langs = ["en", "en", "fr", "en"];
+    let requests: Vec<_> = langs
+        .iter()
+        .map(|lang| {
+            let h = format!("accept-language: {lang}\r\n");
+            tokio::spawn(async move { raw_request(addr, "GET", "/hot/vary", &h).await })
+        })
+        .collect();
+    eventually(
+        "followers wait for the leader",
+        Duration::from_secs(20),
+        || tg.metrics.coalesce_waiting.get() == 3,
+    )
+    .await;
+    app.release.add_permits(8);
+    let responses: Vec<_> = futures_util::future::join_all(requests)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    assert!(responses.iter().all(|(s, _)| *s == 200));
+    // Whoever led, the requests with its language shared its response; the others went alone.
+    let shared = responses
+        .iter()
+        .filter(|(_, t)| body_of(t).starts_with("hot data 1 "))
+        .count();
+    assert!(
+        shared == 3 || shared == 1,
+        "the leader's language: {shared}"
+    );
+    assert_eq!(app.hits() - before, 1 + (langs.len() - shared));
+    assert_eq!(
+        tg.metrics.coalesced.with_label_values(&["shared"]).get() as usize,
+        shared - 1
+    );
+}
