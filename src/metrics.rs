@@ -55,6 +55,10 @@ pub struct Metrics {
     pub adaptive_latency: prometheus::GaugeVec,
     /// `tidegate_retry_after_estimate_seconds`: the `Retry-After` estimated from the queue.
     pub retry_after_estimate: prometheus::Gauge,
+    /// `tidegate_admission_setting{setting}`: the admission knobs in force (`min_concurrency`,
+    /// `max_concurrency_ceiling`, `reserved_slots`, `queue_codel_target_seconds` (0: off),
+    /// `queue_codel_interval_seconds`, `queue_lifo`, `queue_timeout_seconds`).
+    pub admission_setting: prometheus::GaugeVec,
     /// `tidegate_retries_seen_total`: requests classified as retries.
     pub retries_seen: IntCounter,
     /// `tidegate_coalesced_requests_total{outcome}`: requests that waited for an identical
@@ -279,6 +283,16 @@ impl Metrics {
                     "Retry-After estimated from the queue length and the service rate",
                 )?,
             )?,
+            admission_setting: reg(
+                r,
+                prometheus::GaugeVec::new(
+                    Opts::new(
+                        "tidegate_admission_setting",
+                        "Admission settings in force, by name (durations in seconds, flags 0/1)",
+                    ),
+                    &["setting"],
+                )?,
+            )?,
             retries_seen: reg(
                 r,
                 IntCounter::new(
@@ -480,6 +494,9 @@ impl Metrics {
         }
         for outcome in ["shared", "alone"] {
             m.coalesced.with_label_values(&[outcome]);
+        }
+        for window in ["recent", "baseline"] {
+            m.adaptive_latency.with_label_values(&[window]);
         }
         for path in [
             "/livez",

@@ -139,5 +139,30 @@ impl Limiter {
         if let Some(estimate) = self.retry_after_estimate() {
             metrics.retry_after_estimate.set(estimate.as_secs_f64());
         }
+        let discipline = shared.global.discipline();
+        let (min, max) = view.adaptive.as_ref().map_or((0, 0), |a| (a.min, a.max));
+        for (setting, value) in [
+            ("min_concurrency", f64::from(min)),
+            ("max_concurrency_ceiling", f64::from(max)),
+            ("reserved_slots", view.reserved as f64),
+            (
+                "queue_codel_target_seconds",
+                discipline.codel_target.map_or(0.0, |d| d.as_secs_f64()),
+            ),
+            (
+                "queue_codel_interval_seconds",
+                discipline.codel_interval.as_secs_f64(),
+            ),
+            ("queue_lifo", f64::from(u8::from(discipline.lifo))),
+            (
+                "queue_timeout_seconds",
+                shared.queue_timeout_ms.load(Ordering::Relaxed) as f64 / 1e3,
+            ),
+        ] {
+            metrics
+                .admission_setting
+                .with_label_values(&[setting])
+                .set(value);
+        }
     }
 }
