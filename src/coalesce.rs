@@ -1,6 +1,7 @@
 //! Request coalescing: identical idempotent GETs share one exchange with the app.
 //!
-//! Opt-in per route (`coalesce = true`). The first eligible request for a key (the *leader*)
+//! Opt-in per route (`coalesce = true`); without such a route the layer passes requests
+//! through untouched. The first eligible request for a key (the *leader*)
 //! goes through admission to the app as usual; identical requests arriving while it is in
 //! flight (*followers*) take no slot and no queue place: they wait for the leader's response
 //! and get a copy of it. This is the "cache the hot route" fix for a burst of identical
@@ -26,6 +27,8 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
+use futures_util::TryFutureExt;
+use futures_util::future::{Either, MapErr};
 use http::header::{
     AUTHORIZATION, CACHE_CONTROL, CONTENT_LENGTH, COOKIE, HOST, PRAGMA, SET_COOKIE,
     TRANSFER_ENCODING, UPGRADE, VARY,
@@ -55,9 +58,13 @@ pub struct Coalesce<S> {
     shared: Arc<Shared>,
 }
 
-/// Future returned by [`Coalesce`].
-pub type ResponseFuture =
+/// Future of a coalesced (leader or follower) request.
+pub type CoalescedFuture =
     Pin<Box<dyn Future<Output = Result<Response<ResponseBody>, BoxError>> + Send>>;
+
+/// Future returned by [`Coalesce`]: the inner service's own, unboxed, for requests that are
+/// not coalesced.
+pub type ResponseFuture<F, E> = Either<MapErr<F, fn(E) -> BoxError>, CoalescedFuture>;
 
 #[derive(Debug)]
 struct Shared {
@@ -160,7 +167,7 @@ where
 {
     type Response = Response<ResponseBody>;
     type Error = BoxError;
-    type Future = ResponseFuture;
+    type Future = ResponseFuture<S::Future, S::Error>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         self.inner.poll_ready(cx).map_err(Into::into)
@@ -168,19 +175,22 @@ where
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
         let shared = &self.shared;
+        if !shared.limiter.coalescing() {
+            // Nothing to do: the limit layer looks the route up itself.
+            return self.passthrough(request);
+        }
         let route = shared.limiter.route(request.method(), request.uri().path());
         let coalesces = route.coalesces();
         request.extensions_mut().insert(route);
         let key = if coalesces { key(&request) } else { None };
         let Some(key) = key else {
-            let future = self.inner.call(request);
-            return Box::pin(async move { future.await.map_err(Into::into) });
+            return self.passthrough(request);
         };
         // The clone is ready (tower's contract) only if this one is: swap them.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let shared = shared.clone();
-        Box::pin(async move {
+        Either::Right(Box::pin(async move {
             let joined = shared.join(&key, request.headers());
             match joined {
                 Joined::Leader(publisher) => {
@@ -192,7 +202,18 @@ where
                     None => inner.call(request).await.map_err(Into::into),
                 },
             }
-        })
+        }))
+    }
+}
+
+impl<S> Coalesce<S> {
+    fn passthrough<B>(&mut self, request: Request<B>) -> ResponseFuture<S::Future, S::Error>
+    where
+        S: Service<Request<B>>,
+        S::Error: Into<BoxError>,
+    {
+        let into: fn(S::Error) -> BoxError = Into::into;
+        Either::Left(self.inner.call(request).map_err(into))
     }
 }
 

@@ -108,6 +108,8 @@ struct Shared {
     /// `--retry-after-from-queue` bounds in ms; `(0, 0)` is off.
     retry_after_bounds_ms: (AtomicU64, AtomicU64),
     classifier: Classifier,
+    /// Whether any route coalesces (so that other requests skip the coalescing layer's work).
+    coalescing: AtomicBool,
     /// The adaptive limit last written to the log.
     logged_limit: AtomicU32,
     queued: AtomicUsize,
@@ -175,6 +177,7 @@ impl Limiter {
             max_request_body: AtomicU64::new(u64::MAX),
             retry_after_bounds_ms: (AtomicU64::new(0), AtomicU64::new(0)),
             classifier: Classifier::new(&config.classify),
+            coalescing: AtomicBool::new(false),
             logged_limit: AtomicU32::new(0),
             queued: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
@@ -259,6 +262,9 @@ impl Limiter {
                 })
             })
             .collect();
+        shared
+            .coalescing
+            .store(config.routes.iter().any(|r| r.coalesce), Ordering::Release);
         shared.routes.store(Arc::new(Routes {
             table: RouteTable::new(&config.routes),
             specs: config.routes.clone(),
@@ -289,6 +295,11 @@ impl Limiter {
             route,
             max_request_body,
         }
+    }
+
+    /// Whether any route has `coalesce = true`.
+    pub fn coalescing(&self) -> bool {
+        self.shared.coalescing.load(Ordering::Acquire)
     }
 
     /// The priority class and retry mark of a request on `route` from `client`.
@@ -803,6 +814,45 @@ mod tests {
         );
         held.pop();
         let _one = get(&limiter, "/").await.unwrap();
+        assert_eq!(
+            get(&limiter, "/").await.unwrap_err().reason,
+            ShedReason::QueueFull
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn switching_between_fixed_and_auto_keeps_held_slots() {
+        let (limiter, metrics) = limiter(8, 0, &[]);
+        let held: Vec<_> = futures_util::future::join_all((0..6).map(|_| get(&limiter, "/"))).await;
+        let auto = LimitConfig {
+            adaptive: Some(AdaptiveConfig {
+                algorithm: adaptive::Algorithm::Gradient,
+                min: 3,
+                max: 20,
+            }),
+            ..config(8, 0, &[])
+        };
+        limiter.reconfigure(&auto);
+        assert_eq!(limiter.state().mode, "auto");
+        assert_eq!(
+            metrics.concurrency_limit.get(),
+            3,
+            "auto starts at its minimum"
+        );
+        assert_eq!(metrics.in_flight.get(), 6, "held slots are kept");
+        assert_eq!(
+            get(&limiter, "/").await.unwrap_err().reason,
+            ShedReason::QueueFull
+        );
+        drop(held);
+        let again: Vec<_> =
+            futures_util::future::join_all((0..3).map(|_| get(&limiter, "/"))).await;
+        assert!(again.iter().all(Result::is_ok));
+        limiter.reconfigure(&config(5, 0, &[]));
+        assert_eq!(limiter.state().mode, "fixed");
+        let _more: Vec<_> =
+            futures_util::future::join_all((0..2).map(|_| get(&limiter, "/"))).await;
+        assert_eq!(metrics.in_flight.get(), 5);
         assert_eq!(
             get(&limiter, "/").await.unwrap_err().reason,
             ShedReason::QueueFull
