@@ -21,8 +21,8 @@ pub enum ResponseBody {
     Upstream(UpstreamBody),
     /// Written by tidegate (refusals, errors, coalesced copies); empty when `None` was given.
     Local(Option<Bytes>),
-    /// A coalescing leader's body, copied for the requests waiting for it.
-    Tee(Box<crate::coalesce::TeeBody>),
+    /// A coalescing leader's body that could not be shared: what was read, then the rest.
+    Replay(Box<crate::coalesce::Replay>),
 }
 
 /// What an exchange with the app holds until it is over: the slot, and the progress clock
@@ -128,7 +128,7 @@ impl Body for ResponseBody {
         match self.get_mut() {
             ResponseBody::Upstream(body) => Pin::new(body).poll_frame(cx),
             ResponseBody::Local(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            ResponseBody::Tee(body) => Pin::new(body.as_mut()).poll_frame(cx),
+            ResponseBody::Replay(body) => Pin::new(body.as_mut()).poll_frame(cx),
         }
     }
 
@@ -136,7 +136,7 @@ impl Body for ResponseBody {
         match self {
             ResponseBody::Upstream(body) => body.is_end_stream(),
             ResponseBody::Local(bytes) => bytes.is_none(),
-            ResponseBody::Tee(body) => body.is_end_stream(),
+            ResponseBody::Replay(body) => body.is_end_stream(),
         }
     }
 
@@ -146,7 +146,7 @@ impl Body for ResponseBody {
             ResponseBody::Local(bytes) => {
                 SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
             }
-            ResponseBody::Tee(body) => body.size_hint(),
+            ResponseBody::Replay(body) => body.size_hint(),
         }
     }
 }

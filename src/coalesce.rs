@@ -17,8 +17,10 @@
 //!   leader fails (an error, a refusal, its client leaving before the head), followers are sent
 //!   to the app on their own, as if coalescing were off.
 //!
-//! The leader's client gets its body streamed as usual; followers get the copy when the body
-//! is complete.
+//! The leader's response body is read from the app in full (it is at most
+//! `--coalesce-max-body`) before anyone gets it, so followers wait for the app, never for the
+//! leader's client; the leader's client then gets it like the followers. A body that turns out
+//! larger is streamed on to the leader after what was read, and the followers go alone.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -34,7 +36,8 @@ use http::header::{
     TRANSFER_ENCODING, UPGRADE, VARY,
 };
 use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
-use http_body::{Body, Frame, SizeHint};
+use http_body::{Body, Frame};
+use http_body_util::BodyExt;
 use tokio::sync::watch;
 use tower::{Layer, Service};
 
@@ -116,14 +119,13 @@ struct Publisher {
     flight: Arc<Flight>,
 }
 
-/// The leader's response body: streamed to its client and copied for the followers.
+/// The leader's response when it could not be shared: what was already read from the app,
+/// then the rest as it streams.
 #[derive(Debug)]
-pub struct TeeBody {
-    inner: ResponseBody,
-    copy: BytesMut,
-    max: usize,
-    head: Option<(StatusCode, Version, HeaderMap)>,
-    publisher: Option<Publisher>,
+pub struct Replay {
+    read: Option<Bytes>,
+    next: Option<Frame<Bytes>>,
+    rest: ResponseBody,
 }
 
 /// Counts a follower waiting.
@@ -195,7 +197,7 @@ where
             match joined {
                 Joined::Leader(publisher) => {
                     let response = inner.call(request).await.map_err(Into::into)?;
-                    Ok(publisher.publish(response, &shared))
+                    publisher.publish(response, &shared).await
                 }
                 Joined::Follower(flight) => match shared.follow(&flight, request.headers()).await {
                     Some(response) => Ok(response),
@@ -278,32 +280,65 @@ impl Shared {
 // === impl Publisher ===
 
 impl Publisher {
-    /// Hands the leader's response back to its client, and to the followers once complete
-    /// (or sends them alone if it cannot be shared).
-    fn publish(self, response: Response<ResponseBody>, shared: &Shared) -> Response<ResponseBody> {
+    /// Reads the leader's response body from the app (up to `--coalesce-max-body`), hands
+    /// a copy to the followers, and returns the response for the leader's own client. A
+    /// response that cannot be shared sends the followers alone; the leader still gets all of
+    /// it (what was read, then the rest as it streams).
+    async fn publish(
+        self,
+        response: Response<ResponseBody>,
+        shared: &Shared,
+    ) -> Result<Response<ResponseBody>, BoxError> {
         if !shareable(response.headers()) {
             self.finish(Outcome::Alone);
-            return response;
+            return Ok(response);
         }
         let max = shared.live.peek().args.coalesce_max_body.as_u64() as usize;
-        let (parts, body) = response.into_parts();
-        let declared = body.size_hint().upper();
-        if declared.is_some_and(|n| n as usize > max) {
+        let (parts, mut body) = response.into_parts();
+        if body.size_hint().upper().is_some_and(|n| n as usize > max) {
             self.finish(Outcome::Alone);
-            return Response::from_parts(parts, body);
+            return Ok(Response::from_parts(parts, body));
         }
-        let mut tee = TeeBody {
-            inner: body,
-            copy: BytesMut::new(),
-            max,
-            head: Some((parts.status, parts.version, parts.headers.clone())),
-            publisher: Some(self),
+        let mut copy = BytesMut::new();
+        while let Some(frame) = body.frame().await {
+            let frame = match frame {
+                Ok(frame) => frame,
+                Err(error) => {
+                    self.finish(Outcome::Alone);
+                    return Err(error.into());
+                }
+            };
+            match frame.into_data() {
+                Ok(data) if copy.len() + data.len() <= max => copy.extend_from_slice(&data),
+                // Too large to share, or trailers: the leader gets everything, the followers
+                // go alone.
+                other => {
+                    self.finish(Outcome::Alone);
+                    let next = match other {
+                        Ok(data) => Frame::data(data),
+                        Err(frame) => frame,
+                    };
+                    let replay = Replay {
+                        read: Some(copy.freeze()),
+                        next: Some(next),
+                        rest: body,
+                    };
+                    return Ok(Response::from_parts(
+                        parts,
+                        ResponseBody::Replay(Box::new(replay)),
+                    ));
+                }
+            }
+        }
+        let shared_response = SharedResponse {
+            status: parts.status,
+            version: parts.version,
+            headers: parts.headers.clone(),
+            body: copy.freeze(),
         };
-        // An empty body (HEAD, 204, 304, `Content-Length: 0`) may never be polled.
-        if tee.inner.is_end_stream() {
-            tee.complete();
-        }
-        Response::from_parts(parts, ResponseBody::Tee(Box::new(tee)))
+        let body = shared_response.body();
+        self.finish(Outcome::Shared(shared_response));
+        Ok(Response::from_parts(parts, body))
     }
 
     fn finish(mut self, outcome: Outcome) {
@@ -332,9 +367,9 @@ impl Drop for Publisher {
     }
 }
 
-// === impl TeeBody ===
+// === impl Replay ===
 
-impl Body for TeeBody {
+impl Body for Replay {
     type Data = Bytes;
     type Error = hyper::Error;
 
@@ -343,62 +378,31 @@ impl Body for TeeBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.get_mut();
-        let frame = std::task::ready!(Pin::new(&mut this.inner).poll_frame(cx));
-        match &frame {
-            Some(Ok(frame)) => match frame.data_ref() {
-                Some(data) if this.copy.len() + data.len() <= this.max => {
-                    this.copy.extend_from_slice(data)
-                }
-                // Too large to share, or trailers: followers go alone.
-                _ => this.give_up(),
-            },
-            Some(Err(_)) => this.give_up(),
-            None => this.complete(),
+        if let Some(read) = this.read.take().filter(|b| !b.is_empty()) {
+            return Poll::Ready(Some(Ok(Frame::data(read))));
         }
-        if frame.is_some() && this.inner.is_end_stream() {
-            this.complete();
+        if let Some(next) = this.next.take() {
+            return Poll::Ready(Some(Ok(next)));
         }
-        Poll::Ready(frame)
+        Pin::new(&mut this.rest).poll_frame(cx)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl TeeBody {
-    fn give_up(&mut self) {
-        if let Some(publisher) = self.publisher.take() {
-            publisher.finish(Outcome::Alone);
-        }
-    }
-
-    fn complete(&mut self) {
-        if let (Some(publisher), Some((status, version, headers))) =
-            (self.publisher.take(), self.head.take())
-        {
-            let body = std::mem::take(&mut self.copy).freeze();
-            publisher.finish(Outcome::Shared(SharedResponse {
-                status,
-                version,
-                headers,
-                body,
-            }));
-        }
+        self.read.as_ref().is_none_or(Bytes::is_empty)
+            && self.next.is_none()
+            && self.rest.is_end_stream()
     }
 }
 
 // === impl SharedResponse ===
 
 impl SharedResponse {
+    fn body(&self) -> ResponseBody {
+        ResponseBody::Local((!self.body.is_empty()).then(|| self.body.clone()))
+    }
+
     fn to_response(&self) -> Response<ResponseBody> {
-        let mut response = Response::new(ResponseBody::Local(
-            (!self.body.is_empty()).then(|| self.body.clone()),
-        ));
+        let mut response = Response::new(self.body());
         *response.status_mut() = self.status;
         *response.version_mut() = self.version;
         *response.headers_mut() = self.headers.clone();

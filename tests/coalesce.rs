@@ -14,6 +14,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 
+/// A body far larger than loopback socket buffers.
+const HUGE: usize = 32 * 1024 * 1024;
+
 /// An app that holds every request until released and answers with the request's hit
 /// number, plus response headers chosen by path.
 struct HeldApp {
@@ -44,6 +47,9 @@ impl HeldApp {
                 }
                 if path.ends_with("/big") {
                     return rsp.body(full(vec![b'x'; 64 * 1024])).unwrap();
+                }
+                if path.ends_with("/huge") {
+                    return rsp.body(full(vec![b'y'; HUGE])).unwrap();
                 }
                 rsp.body(full(format!("hot data {n} for {}", req.uri())))
                     .unwrap()
@@ -329,4 +335,49 @@ async fn vary_decides_who_may_share() {
         tg.metrics.coalesced.with_label_values(&["shared"]).get() as usize,
         shared - 1
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn followers_do_not_wait_for_a_slow_leader_client() {
+    let app = HeldApp::start().await;
+    let tg = coalescing_tidegate(&app, &["--coalesce-max-body", "64MiB"]).await;
+    // The leader's client sends its request and then reads nothing.
+    let mut leader = TcpStream::connect(tg.addr).await.unwrap();
+    leader
+        .write_all(b"GET /hot/huge HTTP/1.1\r\nhost: app.local\r\n\r\n")
+        .await
+        .unwrap();
+    eventually(
+        "the leader reached the app",
+        Duration::from_secs(10),
+        || app.hits() == 1,
+    )
+    .await;
+    let addr = tg.addr;
+    let followers: Vec<_> = (0..2)
+        .map(|_| tokio::spawn(async move { raw_request(addr, "GET", "/hot/huge", "").await }))
+        .collect();
+    eventually("followers wait", Duration::from_secs(10), || {
+        tg.metrics.coalesce_waiting.get() == 2
+    })
+    .await;
+    app.release.add_permits(1);
+    for f in followers {
+        let (status, text) = tokio::time::timeout(Duration::from_secs(30), f)
+            .await
+            .expect("followers are answered while the leader's client reads nothing")
+            .unwrap();
+        assert_eq!(status, 200);
+        assert_eq!(body_of(&text).len(), HUGE);
+    }
+    assert_eq!(app.hits(), 1);
+    // The leader still gets its whole response when it reads.
+    let mut received = Vec::new();
+    let mut buf = vec![0; 1 << 20];
+    while !received.ends_with(&[b'y'; 16]) || received.len() < HUGE {
+        let n = leader.read(&mut buf).await.unwrap();
+        assert!(n > 0, "leader connection closed early");
+        received.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(body_of(&String::from_utf8_lossy(&received)).len(), HUGE);
 }
