@@ -163,6 +163,11 @@ impl ExchangeGuard {
         }
     }
 
+    /// The admission, to adjust its latency sample.
+    pub fn admission_mut(&mut self) -> &mut Admission {
+        &mut self.admission
+    }
+
     /// The app finished the exchange: note its progress and free the slot.
     pub fn complete(self) {
         self.progress.record();

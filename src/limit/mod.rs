@@ -84,6 +84,8 @@ pub struct Admission {
     route: Option<Arc<RouteState>>,
     /// When the global slot was taken; `None` once released.
     since: Option<Instant>,
+    /// What the release reports to the adaptive limit.
+    sample: Sample,
     route_permit: Option<OwnedSemaphorePermit>,
     max_request_body: Option<u64>,
 }
@@ -148,6 +150,17 @@ struct RouteCounters {
     in_flight: IntGauge,
     queued: IntGauge,
     shed: [IntCounter; ShedReason::ALL.len()],
+}
+
+/// The latency sample an admission gives the adaptive limit when it is released.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Sample {
+    /// The time the slot was held.
+    Held,
+    /// A latency fixed earlier (a tunnel's handshake).
+    Fixed(Duration),
+    /// None: the exchange says nothing about the app's latency.
+    Skip,
 }
 
 /// A place in the shared queue; frees it and updates the gauges when dropped.
@@ -495,6 +508,7 @@ impl Shared {
             shared: self.clone(),
             route,
             since: Some(Instant::now()),
+            sample: Sample::Held,
             route_permit,
             max_request_body,
         }
@@ -636,16 +650,36 @@ impl Admission {
     pub fn route_timeout(&self) -> Option<Duration> {
         self.route.as_ref().and_then(|r| r.spec.timeout)
     }
+
+    /// Fixes the adaptive limit's latency sample at the time so far, although the slot stays
+    /// held (a WebSocket tunnel: its lifetime is the client's business, its handshake is the
+    /// app's latency).
+    pub fn sample_now(&mut self) {
+        if let (Some(since), Sample::Held) = (self.since, self.sample) {
+            self.sample = Sample::Fixed(since.elapsed());
+        }
+    }
+
+    /// Gives the adaptive limit no sample for this exchange (it failed before the app could
+    /// answer, e.g. the connection was refused: its speed says nothing about the app's).
+    pub fn skip_sample(&mut self) {
+        self.sample = Sample::Skip;
+    }
 }
 
 impl Drop for Admission {
     fn drop(&mut self) {
         let shared = &self.shared;
         shared.metrics.in_flight.dec();
-        if let Some(since) = self.since.take()
-            && let Some(update) = shared.global.release(since.elapsed())
-        {
-            shared.on_update(update);
+        if let Some(since) = self.since.take() {
+            let latency = match self.sample {
+                Sample::Held => Some(since.elapsed()),
+                Sample::Fixed(latency) => Some(latency),
+                Sample::Skip => None,
+            };
+            if let Some(update) = shared.global.release(latency) {
+                shared.on_update(update);
+            }
         }
         match &self.route {
             Some(route) => {
@@ -857,6 +891,43 @@ mod tests {
             get(&limiter, "/").await.unwrap_err().reason,
             ShedReason::QueueFull
         );
+    }
+
+    fn auto_limiter() -> (Limiter, Arc<Metrics>) {
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let config = LimitConfig {
+            adaptive: Some(AdaptiveConfig {
+                algorithm: adaptive::Algorithm::Gradient,
+                min: 10,
+                max: 100,
+            }),
+            ..config(1, 0, &[])
+        };
+        (Limiter::new(&config, &metrics), metrics)
+    }
+
+    /// Holds ten admissions for 200 ms, adjusting each with `adjust`, and returns the recent
+    /// latency the adaptive limit saw.
+    async fn recent_latency_after(adjust: fn(&mut Admission)) -> Option<f64> {
+        let (limiter, _m) = auto_limiter();
+        let mut held: Vec<_> = futures_util::future::join_all((0..10).map(|_| get(&limiter, "/")))
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        held.iter_mut().for_each(adjust);
+        tokio::time::advance(Duration::from_millis(200)).await;
+        drop(held);
+        limiter.state().slots.adaptive.unwrap().recent_latency
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn tunnels_sample_their_handshake_and_refused_connections_nothing() {
+        let held = recent_latency_after(|_| {}).await.unwrap();
+        assert!((held - 0.2).abs() < 0.01, "the time held: {held}");
+        let fixed = recent_latency_after(Admission::sample_now).await.unwrap();
+        assert!(fixed < 0.01, "the time until sample_now: {fixed}");
+        assert_eq!(recent_latency_after(Admission::skip_sample).await, None);
     }
 
     #[tokio::test(start_paused = true)]

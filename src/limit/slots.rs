@@ -290,18 +290,18 @@ impl Slots {
         true
     }
 
-    /// Gives a slot back. `held` is how long it was held: a sample for the adaptive limit.
-    /// Returns the adaptive limit's update when a sample window ended.
-    pub(super) fn release(&self, held: Duration) -> Option<Update> {
+    /// Gives a slot back. `latency` is the exchange's sample for the adaptive limit, if it
+    /// gives one. Returns the adaptive limit's update when a sample window ended.
+    pub(super) fn release(&self, latency: Option<Duration>) -> Option<Update> {
         let mut state = self.lock();
         let now = Instant::now();
         let in_flight = state.in_flight;
         state.in_flight = state.in_flight.saturating_sub(1);
         state.rate.count(now);
-        let update = state
-            .adaptive
-            .as_mut()
-            .and_then(|c| c.sample(now, held, in_flight));
+        let update = match (state.adaptive.as_mut(), latency) {
+            (Some(c), Some(latency)) => c.sample(now, latency, in_flight),
+            _ => None,
+        };
         if let Some(update) = update {
             state.limit = update.limit as usize;
         }
@@ -545,7 +545,7 @@ mod tests {
         let mut critical = queued(s.join(Priority::Critical, false));
         let order = [&mut critical, &mut first, &mut second, &mut retry, &mut low];
         for (i, wait) in order.into_iter().enumerate() {
-            s.release(Duration::ZERO);
+            s.release(Some(Duration::ZERO));
             assert!(granted(wait), "waiter {i} in order");
         }
     }
@@ -562,12 +562,12 @@ mod tests {
         let mut old = queued(s.join(Priority::Normal, false));
         let mut new = queued(s.join(Priority::Normal, false));
         // Not yet overloaded: FIFO.
-        s.release(Duration::ZERO);
+        s.release(Some(Duration::ZERO));
         assert!(granted(&mut old));
         let mut newest = queued(s.join(Priority::Normal, false));
         tokio::time::advance(Duration::from_millis(150)).await;
         assert!(s.view().lifo_active);
-        s.release(Duration::ZERO);
+        s.release(Some(Duration::ZERO));
         assert!(granted(&mut newest), "overloaded: newest first");
         assert!(!granted(&mut new));
     }
@@ -595,7 +595,7 @@ mod tests {
             Some(Duration::from_millis(5)),
             "short wait when overloaded"
         );
-        s.release(Duration::ZERO);
+        s.release(Some(Duration::ZERO));
         let waker = futures_util::task::noop_waker();
         let mut cx = std::task::Context::from_waker(&waker);
         assert!(matches!(
@@ -644,7 +644,7 @@ mod tests {
         assert!(s.try_acquire(Priority::Normal));
         let a = queued(s.join(Priority::Normal, false));
         let mut b = queued(s.join(Priority::Normal, false));
-        s.release(Duration::ZERO); // granted to a, which never looks
+        s.release(Some(Duration::ZERO)); // granted to a, which never looks
         drop(a);
         assert!(granted(&mut b));
         assert_eq!(s.view().in_flight, 1);
@@ -654,7 +654,7 @@ mod tests {
             1,
             "b took its slot; the caller releases it"
         );
-        s.release(Duration::ZERO);
+        s.release(Some(Duration::ZERO));
         assert_eq!(s.view().in_flight, 0);
         assert_eq!(s.view().waiting, 0);
     }

@@ -194,7 +194,7 @@ impl Shared {
         self: Arc<Self>,
         mut request: Request<Incoming>,
         client_ip: Option<HeaderValue>,
-        guard: ExchangeGuard,
+        mut guard: ExchangeGuard,
         settings: Settings,
     ) -> Result<Response<ResponseBody>, BoxError> {
         let upgrade =
@@ -215,7 +215,14 @@ impl Shared {
         };
         let mut response = match result {
             Ok(response) => response,
-            Err(error) => return Err(self.classify(error)),
+            Err(error) => {
+                let error = self.classify(error);
+                if is_caused_by::<UpstreamConnect>(&*error) {
+                    // Refused at once: no word on how fast the app answers.
+                    guard.admission_mut().skip_sample();
+                }
+                return Err(error);
+            }
         };
         self.progress.record();
 
@@ -223,6 +230,7 @@ impl Shared {
             && let Some(client_side) = upgrade
         {
             let app_side = hyper::upgrade::on(&mut response);
+            guard.admission_mut().sample_now();
             self.tunnels
                 .spawn(upgrade::tunnel(client_side, app_side, guard));
             let (mut parts, _empty) = response.into_parts();
