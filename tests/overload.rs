@@ -170,6 +170,69 @@ async fn aimd_limit_follows_a_capacity_step() {
     latency_step("aimd").await;
 }
 
+/// The `limit` and `previous` fields of every "limit moved" log line of the binary.
+fn logged_moves(bin: &Binary) -> Vec<(u64, u64)> {
+    bin.log()
+        .lines()
+        .filter(|l| l.contains("Adaptive concurrency limit moved"))
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (
+                v["limit"].as_u64().unwrap(),
+                v["previous"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_moves_of_the_adaptive_limit_are_logged() {
+    let app = WorkerApp::start(16, Duration::from_millis(20)).await;
+    let upstream = format!("http://{}", app.upstream.addr);
+    let bin = Binary::start(
+        &upstream,
+        &[
+            "--max-concurrency",
+            "auto",
+            "--min-concurrency",
+            "2",
+            "--max-queue",
+            "64",
+            "--access-log",
+            "false",
+        ],
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let traffic = load(format!("http://{}/work", bin.addr), 64, stop.clone());
+    eventually(
+        "a logged rise to 20 or more",
+        Duration::from_secs(40),
+        || {
+            logged_moves(&bin)
+                .iter()
+                .any(|&(limit, previous)| limit >= 20 && limit > previous)
+        },
+    )
+    .await;
+    let rises = logged_moves(&bin).len();
+    app.remove_workers(12).await;
+    eventually("a logged fall", Duration::from_secs(40), || {
+        logged_moves(&bin)[rises..]
+            .iter()
+            .any(|&(limit, previous)| limit < previous && limit <= 12)
+    })
+    .await;
+    for (limit, previous) in logged_moves(&bin) {
+        let moved = limit.abs_diff(previous);
+        assert!(
+            moved >= 2 && moved * 4 >= previous,
+            "only large moves are logged: {previous} -> {limit}"
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    traffic.await.unwrap();
+}
+
 /// An upstream that records the order paths arrive in and holds each until released.
 struct OrderedGate {
     upstream: Upstream,
