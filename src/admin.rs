@@ -245,6 +245,11 @@ fn state(health: &HealthState) -> AdminResponse {
         "phase": format!("{:?}", health.lifecycle().phase()).to_lowercase(),
         "limiter": health.limiter().state(),
         "coalesce_waiting": health.metrics().coalesce_waiting.get(),
+        "coalesce_cache": {
+            "entries": health.metrics().coalesce_cache_entries.get(),
+            "bytes": health.metrics().coalesce_cache_bytes.get(),
+            "max_bytes": health.live().peek().args.coalesce_cache_size.as_u64(),
+        },
     });
     let mut rsp = Response::new(Full::new(Bytes::from(format!("{view:#}\n"))));
     rsp.headers_mut().insert(

@@ -63,10 +63,14 @@ pub struct Metrics {
     pub retries_seen: IntCounter,
     /// `tidegate_coalesced_requests_total{outcome}`: requests that waited for an identical
     /// request's response: `shared` (answered with it) or `alone` (sent on their own after
-    /// all: the response could not be shared).
+    /// all: the response could not be shared), and `cached`: answered from the cache.
     pub coalesced: IntCounterVec,
     /// `tidegate_coalesce_waiting`: requests waiting for an identical request's response.
     pub coalesce_waiting: IntGauge,
+    /// `tidegate_coalesce_cache_entries`: responses held by the coalescing cache.
+    pub coalesce_cache_entries: IntGauge,
+    /// `tidegate_coalesce_cache_bytes`: bytes held by the coalescing cache.
+    pub coalesce_cache_bytes: IntGauge,
     /// `tidegate_upstream_errors_total{kind}`.
     pub upstream_errors: IntCounterVec,
     /// `tidegate_connections_open`: downstream connections open now.
@@ -317,6 +321,20 @@ impl Metrics {
                     "Requests waiting for an identical request's response",
                 )?,
             )?,
+            coalesce_cache_entries: reg(
+                r,
+                IntGauge::new(
+                    "tidegate_coalesce_cache_entries",
+                    "Responses held by the coalescing cache",
+                )?,
+            )?,
+            coalesce_cache_bytes: reg(
+                r,
+                IntGauge::new(
+                    "tidegate_coalesce_cache_bytes",
+                    "Bytes (bodies and headers) held by the coalescing cache",
+                )?,
+            )?,
             upstream_errors: reg(
                 r,
                 IntCounterVec::new(
@@ -492,7 +510,7 @@ impl Metrics {
         for result in ["ok", "error"] {
             m.reloads.with_label_values(&[result]);
         }
-        for outcome in ["shared", "alone"] {
+        for outcome in ["shared", "alone", "cached"] {
             m.coalesced.with_label_values(&[outcome]);
         }
         for window in ["recent", "baseline"] {

@@ -381,3 +381,155 @@ async fn followers_do_not_wait_for_a_slow_leader_client() {
     }
     assert_eq!(body_of(&String::from_utf8_lossy(&received)).len(), HUGE);
 }
+
+// ===== the coalescing cache =====
+
+/// An app that answers at once with its hit number, with caching headers chosen by path.
+async fn caching_app() -> Upstream {
+    let count = Arc::new(AtomicUsize::new(0));
+    upstream(move |req: Request<Incoming>| {
+        let n = count.fetch_add(1, Ordering::SeqCst) + 1;
+        async move {
+            let path = req.uri().path();
+            let mut rsp = Response::builder();
+            if path.ends_with("/fresh") || path.starts_with("/brief") {
+                rsp = rsp.header("cache-control", "public, max-age=60");
+            }
+            if path.ends_with("/private") {
+                rsp = rsp.header("cache-control", "private, max-age=60");
+            }
+            if path.ends_with("/vary") {
+                rsp = rsp
+                    .header("cache-control", "max-age=60")
+                    .header("vary", "accept-language");
+            }
+            rsp.body(full(format!("v{n}"))).unwrap()
+        }
+    })
+    .await
+}
+
+async fn caching_tidegate(app: &Upstream) -> Tidegate {
+    let dir = std::env::temp_dir().join(format!(
+        "tidegate-cache-{}-{}",
+        std::process::id(),
+        fastrand::u64(..)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("routes.toml");
+    std::fs::write(
+        &file,
+        "[[route]]\nprefix = \"/cache\"\ncoalesce_cache = \"30s\"\n\n\
+         [[route]]\nprefix = \"/brief\"\ncoalesce_cache = \"2s\"\n",
+    )
+    .unwrap();
+    tidegate(app.addr, &["--config", file.to_str().unwrap()]).await
+}
+
+async fn fetch(
+    tg: &Tidegate,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (String, http::HeaderMap) {
+    let mut req = Request::builder().method(method).uri(tg.url(path));
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let (status, headers, body) = send(&client(), req.body(empty()).unwrap()).await.unwrap();
+    assert_eq!(status, 200, "{method} {path}");
+    (body, headers)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fresh_responses_are_served_from_the_cache_with_their_age() {
+    let app = caching_app().await;
+    let tg = caching_tidegate(&app).await;
+    let hits = || app.hits.load(Ordering::SeqCst);
+    let (first, headers) = fetch(&tg, "GET", "/cache/fresh", &[]).await;
+    assert_eq!(first, "v1");
+    assert!(headers.get("age").is_none(), "from the app: {headers:?}");
+    let (second, headers) = fetch(&tg, "GET", "/cache/fresh", &[]).await;
+    assert_eq!(
+        (second.as_str(), hits()),
+        ("v1", 1),
+        "served from the cache"
+    );
+    assert!(headers["age"].to_str().unwrap().parse::<u64>().unwrap() <= 1);
+    assert_eq!(headers["cache-control"], "public, max-age=60");
+    // A client asking for a fresh copy goes to the app; its response replaces the stored one.
+    let (fresh, _) = fetch(
+        &tg,
+        "GET",
+        "/cache/fresh",
+        &[("cache-control", "max-age=0")],
+    )
+    .await;
+    assert_eq!((fresh.as_str(), hits()), ("v2", 2));
+    let (again, _) = fetch(&tg, "GET", "/cache/fresh", &[]).await;
+    assert_eq!((again.as_str(), hits()), ("v2", 2));
+    assert_eq!(
+        metric(
+            tg.admin,
+            "tidegate_coalesced_requests_total{outcome=\"cached\"}"
+        )
+        .await,
+        Some(2.0)
+    );
+    assert_eq!(
+        metric(tg.admin, "tidegate_coalesce_cache_entries").await,
+        Some(1.0)
+    );
+    // A successful unsafe request to the URI drops what is stored for it.
+    fetch(&tg, "POST", "/cache/fresh", &[]).await;
+    assert_eq!(hits(), 3);
+    let (after, _) = fetch(&tg, "GET", "/cache/fresh", &[]).await;
+    assert_eq!((after.as_str(), hits()), ("v4", 4));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_shareable_responses_with_a_lifetime_are_stored() {
+    let app = caching_app().await;
+    let tg = caching_tidegate(&app).await;
+    for path in ["/cache/none", "/cache/private"] {
+        let before = app.hits.load(Ordering::SeqCst);
+        let (a, _) = fetch(&tg, "GET", path, &[]).await;
+        let (b, _) = fetch(&tg, "GET", path, &[]).await;
+        assert_ne!(a, b, "{path}: both from the app");
+        assert_eq!(app.hits.load(Ordering::SeqCst) - before, 2, "{path}");
+    }
+    // Vary: one stored variant per URI; other languages go to the app.
+    let (en, _) = fetch(&tg, "GET", "/cache/vary", &[("accept-language", "en")]).await;
+    let (en_again, _) = fetch(&tg, "GET", "/cache/vary", &[("accept-language", "en")]).await;
+    assert_eq!(en, en_again);
+    let (fr, _) = fetch(&tg, "GET", "/cache/vary", &[("accept-language", "fr")]).await;
+    assert_ne!(en, fr);
+    let (fr_again, _) = fetch(&tg, "GET", "/cache/vary", &[("accept-language", "fr")]).await;
+    assert_eq!(fr, fr_again);
+    assert_eq!(
+        metric(tg.admin, "tidegate_coalesce_cache_entries").await,
+        Some(1.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_route_bounds_how_long_a_response_is_kept() {
+    let app = caching_app().await;
+    let tg = caching_tidegate(&app).await;
+    let (first, _) = fetch(&tg, "GET", "/brief/item", &[]).await;
+    let start = std::time::Instant::now();
+    let (second, _) = fetch(&tg, "GET", "/brief/item", &[]).await;
+    assert_eq!(first, second);
+    // max-age=60, but the route keeps it 2 s.
+    eventually_async(
+        "the stored response expires",
+        Duration::from_secs(10),
+        || async { fetch(&tg, "GET", "/brief/item", &[]).await.0 != first },
+    )
+    .await;
+    let kept = start.elapsed();
+    assert!(
+        kept >= Duration::from_millis(1500) && kept < Duration::from_secs(8),
+        "{kept:?}"
+    );
+}

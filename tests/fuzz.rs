@@ -68,6 +68,7 @@ fn route() -> impl Strategy<Value = Option<RouteSpec>> {
             max_request_body: None,
             priority: None,
             coalesce: false,
+            coalesce_cache: None,
         })
     })
 }

@@ -96,6 +96,7 @@ pub(super) struct FileConfig {
     queue_codel_interval: Option<Duration>,
     queue_lifo: Option<bool>,
     coalesce_max_body: Option<ByteSize>,
+    coalesce_cache_size: Option<ByteSize>,
     retry_after_from_queue: Option<bool>,
     #[serde(default, with = "humantime_serde")]
     retry_after_max: Option<Duration>,
@@ -158,6 +159,9 @@ struct FileRoute {
     priority: Option<Priority>,
     /// Share one exchange among identical GETs.
     coalesce: Option<bool>,
+    /// Keep shareable responses this long at most.
+    #[serde(default, with = "humantime_serde")]
+    coalesce_cache: Option<Duration>,
 }
 
 /// Reads and parses `path`; returns the settings and a hash of the contents.
@@ -310,6 +314,7 @@ impl FileConfig {
             queue_codel_interval,
             queue_lifo,
             coalesce_max_body,
+            coalesce_cache_size,
             retry_after_from_queue,
             retry_after_max,
             app_health_interval,
@@ -377,6 +382,15 @@ impl FileRoute {
         if self.timeout.is_some_and(|t| t.is_zero()) {
             return Err(("timeout", "must be greater than zero".into()));
         }
+        if self.coalesce_cache.is_some_and(|t| t.is_zero()) {
+            return Err(("coalesce_cache", "must be greater than zero".into()));
+        }
+        if self.coalesce == Some(false) && self.coalesce_cache.is_some() {
+            return Err((
+                "coalesce_cache",
+                "caching needs coalescing; drop coalesce = false".into(),
+            ));
+        }
         let name = self.name.clone().unwrap_or_else(|| match &methods {
             Some(m) => format!(
                 "{} {}",
@@ -395,6 +409,7 @@ impl FileRoute {
             max_request_body: self.max_request_body.map(|b| b.as_u64()),
             priority: self.priority,
             coalesce: self.coalesce.unwrap_or(false),
+            coalesce_cache: self.coalesce_cache,
         })
     }
 }

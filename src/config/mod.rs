@@ -213,6 +213,10 @@ pub struct Args {
     #[arg(long, env = "TIDEGATE_COALESCE_MAX_BODY", default_value = "1MiB", value_name = "SIZE", value_parser = parse_size)]
     pub coalesce_max_body: ByteSize,
 
+    /// Bytes the coalescing cache may hold (routes with coalesce_cache), bodies and headers
+    #[arg(long, env = "TIDEGATE_COALESCE_CACHE_SIZE", default_value = "16MiB", value_name = "SIZE", value_parser = parse_size)]
+    pub coalesce_cache_size: ByteSize,
+
     /// Requests that may wait for a slot, all routes together [default: --max-concurrency]
     #[arg(long, env = "TIDEGATE_MAX_QUEUE", value_name = "N")]
     pub max_queue: Option<u32>,

@@ -275,9 +275,10 @@ impl Limiter {
                 })
             })
             .collect();
-        shared
-            .coalescing
-            .store(config.routes.iter().any(|r| r.coalesce), Ordering::Release);
+        shared.coalescing.store(
+            config.routes.iter().any(RouteSpec::coalesces),
+            Ordering::Release,
+        );
         shared.routes.store(Arc::new(Routes {
             table: RouteTable::new(&config.routes),
             specs: config.routes.clone(),
@@ -310,7 +311,7 @@ impl Limiter {
         }
     }
 
-    /// Whether any route has `coalesce = true`.
+    /// Whether any route coalesces (`coalesce = true` or a `coalesce_cache`).
     pub fn coalescing(&self) -> bool {
         self.shared.coalescing.load(Ordering::Acquire)
     }
@@ -627,9 +628,14 @@ impl RouteRef {
         self.max_request_body
     }
 
-    /// Whether the route shares identical GETs (`coalesce = true`).
+    /// Whether the route shares identical GETs (`coalesce = true`, or a `coalesce_cache`).
     pub fn coalesces(&self) -> bool {
-        self.route.as_ref().is_some_and(|r| r.spec.coalesce)
+        self.route.as_ref().is_some_and(|r| r.spec.coalesces())
+    }
+
+    /// How long the route keeps shareable responses (`coalesce_cache`), if it does.
+    pub fn coalesce_cache(&self) -> Option<Duration> {
+        self.route.as_ref().and_then(|r| r.spec.coalesce_cache)
     }
 
     /// The route's metrics label.

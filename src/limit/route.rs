@@ -40,6 +40,9 @@ pub struct RouteSpec {
     pub priority: Option<super::Priority>,
     /// Identical idempotent GETs share one exchange with the app (see `coalesce`).
     pub coalesce: bool,
+    /// Keep shareable responses with an explicit lifetime for at most this long (implies
+    /// `coalesce`).
+    pub coalesce_cache: Option<Duration>,
 }
 
 /// Routes ordered for matching.
@@ -146,6 +149,7 @@ impl RouteSpec {
             max_request_body: None,
             priority: None,
             coalesce: false,
+            coalesce_cache: None,
         })
     }
 
@@ -162,6 +166,11 @@ impl RouteSpec {
             .map(|m| m.iter().map(Method::as_str).collect::<Vec<_>>().join(","))
             .unwrap_or_default();
         format!("{kind}:{}:{methods}", self.path.pattern())
+    }
+
+    /// Whether identical GETs on the route share one exchange (`coalesce`, or a cache).
+    pub fn coalesces(&self) -> bool {
+        self.coalesce || self.coalesce_cache.is_some()
     }
 
     /// Whether a request matches this route.
@@ -235,6 +244,7 @@ mod tests {
             max_request_body: None,
             priority: None,
             coalesce: false,
+            coalesce_cache: None,
         });
         r.push(RouteSpec {
             name: "health".into(),
@@ -246,6 +256,7 @@ mod tests {
             max_request_body: None,
             priority: None,
             coalesce: false,
+            coalesce_cache: None,
         });
         assert_eq!(find(&r, Method::GET, "/api/health"), Some(2));
         assert_eq!(find(&r, Method::POST, "/api/users/export"), Some(1));

@@ -56,6 +56,8 @@ pub struct RouteView {
     pub priority: Option<Priority>,
     /// Whether identical GETs are coalesced.
     pub coalesce: bool,
+    /// `coalesce_cache`, in seconds.
+    pub coalesce_cache: Option<f64>,
 }
 
 // === impl Limiter ===
@@ -83,7 +85,8 @@ impl Limiter {
                 in_flight: r.slots.counters.in_flight.get(),
                 queued: r.slots.counters.queued.get(),
                 priority: r.spec.priority,
-                coalesce: r.spec.coalesce,
+                coalesce: r.spec.coalesces(),
+                coalesce_cache: r.spec.coalesce_cache.map(|d| d.as_secs_f64()),
             })
             .collect();
         routes.push(RouteView {
@@ -93,6 +96,7 @@ impl Limiter {
             queued: shared.default_route.queued.get(),
             priority: None,
             coalesce: false,
+            coalesce_cache: None,
         });
         LimiterState {
             mode,

@@ -22,25 +22,26 @@
 //! leader's client; the leader's client then gets it like the followers. A body that turns out
 //! larger is streamed on to the leader after what was read, and the followers go alone.
 
+mod cache;
+mod rules;
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::TryFutureExt;
 use futures_util::future::{Either, MapErr};
-use http::header::{
-    AUTHORIZATION, CACHE_CONTROL, CONTENT_LENGTH, COOKIE, HOST, PRAGMA, SET_COOKIE,
-    TRANSFER_ENCODING, UPGRADE, VARY,
-};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame};
 use http_body_util::BodyExt;
 use tokio::sync::watch;
 use tower::{Layer, Service};
 
+use self::rules::{Key, bypasses_cache, key, shareable, vary_matches};
 use crate::body::ResponseBody;
 use crate::config::LiveConfig;
 use crate::error::BoxError;
@@ -75,16 +76,7 @@ struct Shared {
     live: LiveConfig,
     metrics: Arc<Metrics>,
     flights: Mutex<HashMap<Key, Arc<Flight>>>,
-}
-
-/// What identical requests have in common.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct Key {
-    method: Method,
-    authority: Bytes,
-    path_and_query: Bytes,
-    authorization: Option<Bytes>,
-    cookie: Option<Bytes>,
+    cache: cache::Cache,
 }
 
 /// One leader's exchange, as followers see it.
@@ -98,11 +90,12 @@ struct Flight {
 #[derive(Debug)]
 enum Outcome {
     /// The response, complete, for followers whose `Vary` headers match the leader's.
-    Shared(SharedResponse),
+    Shared(Arc<SharedResponse>),
     /// Followers go to the app on their own.
     Alone,
 }
 
+/// A complete response, shared with followers and kept in the cache.
 #[derive(Debug)]
 struct SharedResponse {
     status: StatusCode,
@@ -142,6 +135,7 @@ impl CoalesceLayer {
                 live,
                 metrics,
                 flights: Mutex::new(HashMap::new()),
+                cache: cache::Cache::default(),
             }),
         }
     }
@@ -183,11 +177,28 @@ where
         }
         let route = shared.limiter.route(request.method(), request.uri().path());
         let coalesces = route.coalesces();
+        let cache_for = route.coalesce_cache();
         request.extensions_mut().insert(route);
+        if cache_for.is_some() && !matches!(*request.method(), Method::GET | Method::HEAD) {
+            return self.invalidating(request);
+        }
         let key = if coalesces { key(&request) } else { None };
         let Some(key) = key else {
             return self.passthrough(request);
         };
+        // Only a client that does not ask for a fresh copy is served from the cache; its
+        // response may be stored either way.
+        if cache_for.is_some()
+            && !bypasses_cache(request.headers())
+            && let Some(response) = shared.cache.get(&key, request.headers())
+        {
+            shared
+                .metrics
+                .coalesced
+                .with_label_values(&["cached"])
+                .inc();
+            return Either::Right(Box::pin(std::future::ready(Ok(response))));
+        }
         // The clone is ready (tower's contract) only if this one is: swap them.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
@@ -197,7 +208,7 @@ where
             match joined {
                 Joined::Leader(publisher) => {
                     let response = inner.call(request).await.map_err(Into::into)?;
-                    publisher.publish(response, &shared).await
+                    publisher.publish(response, &shared, cache_for).await
                 }
                 Joined::Follower(flight) => match shared.follow(&flight, request.headers()).await {
                     Some(response) => Ok(response),
@@ -209,6 +220,27 @@ where
 }
 
 impl<S> Coalesce<S> {
+    /// A request that changes what a cached URI answers: once it succeeds, the URI's stored
+    /// responses are dropped.
+    fn invalidating<B>(&mut self, request: Request<B>) -> ResponseFuture<S::Future, S::Error>
+    where
+        S: Service<Request<B>, Response = Response<ResponseBody>> + Send,
+        S::Error: Into<BoxError>,
+        S::Future: Send + 'static,
+    {
+        let uri = rules::uri_of(&request);
+        let future = self.inner.call(request);
+        let shared = self.shared.clone();
+        Either::Right(Box::pin(async move {
+            let response = future.await.map_err(Into::into)?;
+            if response.status().is_success() || response.status().is_redirection() {
+                let usage = shared.cache.invalidate(&uri.0, &uri.1);
+                shared.publish_usage(usage);
+            }
+            Ok(response)
+        }))
+    }
+
     fn passthrough<B>(&mut self, request: Request<B>) -> ResponseFuture<S::Future, S::Error>
     where
         S: Service<Request<B>>,
@@ -227,6 +259,13 @@ enum Joined {
 // === impl Shared ===
 
 impl Shared {
+    fn publish_usage(&self, usage: cache::Usage) {
+        self.metrics
+            .coalesce_cache_entries
+            .set(usage.entries as i64);
+        self.metrics.coalesce_cache_bytes.set(usage.bytes as i64);
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Arc<Flight>>> {
         self.flights.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -288,6 +327,7 @@ impl Publisher {
         self,
         response: Response<ResponseBody>,
         shared: &Shared,
+        cache_for: Option<Duration>,
     ) -> Result<Response<ResponseBody>, BoxError> {
         if !shareable(response.headers()) {
             self.finish(Outcome::Alone);
@@ -337,6 +377,20 @@ impl Publisher {
             body: copy.freeze(),
         };
         let body = shared_response.body();
+        let shared_response = Arc::new(shared_response);
+        if let Some(fresh) =
+            cache_for.and_then(|limit| rules::freshness(parts.status, &parts.headers, limit))
+        {
+            let max = shared.live.peek().args.coalesce_cache_size.as_u64() as usize;
+            let usage = shared.cache.put(
+                self.key.clone(),
+                shared_response.clone(),
+                self.flight.request_headers.clone(),
+                fresh,
+                max,
+            );
+            shared.publish_usage(usage);
+        }
         self.finish(Outcome::Shared(shared_response));
         Ok(Response::from_parts(parts, body))
     }
@@ -422,178 +476,5 @@ impl<'a> Waiting<'a> {
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         self.0.coalesce_waiting.dec();
-    }
-}
-
-/// The request's key, if it may be coalesced at all.
-fn key<B: Body>(request: &Request<B>) -> Option<Key> {
-    let headers = request.headers();
-    let method = request.method();
-    if method != Method::GET && method != Method::HEAD {
-        return None;
-    }
-    let has_body = !request.body().is_end_stream()
-        && (headers.contains_key(TRANSFER_ENCODING)
-            || headers
-                .get(CONTENT_LENGTH)
-                .is_some_and(|v| v.as_bytes() != b"0"));
-    let no_cache = directive(headers, CACHE_CONTROL, &["no-store", "no-cache"])
-        || directive(headers, PRAGMA, &["no-cache"]);
-    if has_body || no_cache || headers.contains_key(UPGRADE) {
-        return None;
-    }
-    let authority = match request.uri().authority() {
-        Some(a) => Bytes::copy_from_slice(a.as_str().as_bytes()),
-        None => headers
-            .get(HOST)
-            .map_or_else(Bytes::new, |h| Bytes::copy_from_slice(h.as_bytes())),
-    };
-    let path_and_query = request.uri().path_and_query().map_or_else(
-        || Bytes::from_static(b"/"),
-        |p| Bytes::copy_from_slice(p.as_str().as_bytes()),
-    );
-    let joined = |name| {
-        let mut values = headers.get_all(name).iter().peekable();
-        values.peek()?;
-        Some(Bytes::from(
-            values
-                .map(|v| v.as_bytes())
-                .collect::<Vec<_>>()
-                .join(&b'\n'),
-        ))
-    };
-    Some(Key {
-        method: method.clone(),
-        authority,
-        path_and_query,
-        authorization: joined(AUTHORIZATION),
-        cookie: joined(COOKIE),
-    })
-}
-
-/// Whether a response may be given to other clients.
-fn shareable(headers: &HeaderMap) -> bool {
-    let vary_any = headers.get_all(VARY).iter().any(|v| {
-        v.as_bytes()
-            .split(|&b| b == b',')
-            .any(|t| t.trim_ascii() == b"*")
-    });
-    !vary_any
-        && !headers.contains_key(SET_COOKIE)
-        && !directive(headers, CACHE_CONTROL, &["no-store", "private"])
-}
-
-/// Whether a follower's request matches the leader's on every header the response varies by.
-fn vary_matches(response: &HeaderMap, leader: &HeaderMap, follower: &HeaderMap) -> bool {
-    response
-        .get_all(VARY)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-        .map(<[u8]>::trim_ascii)
-        .filter(|name| !name.is_empty())
-        .all(|name| {
-            let Ok(name) = http::HeaderName::from_bytes(name) else {
-                return false;
-            };
-            leader
-                .get_all(&name)
-                .iter()
-                .eq(follower.get_all(&name).iter())
-        })
-}
-
-/// Whether a comma-separated header has one of `names` as a directive (`max-age=0, no-store`).
-fn directive(headers: &HeaderMap, header: http::HeaderName, names: &[&str]) -> bool {
-    headers.get_all(header).iter().any(|value| {
-        value.as_bytes().split(|&b| b == b',').any(|d| {
-            let name = d
-                .split(|&b| b == b'=')
-                .next()
-                .unwrap_or_default()
-                .trim_ascii();
-            names
-                .iter()
-                .any(|n| name.eq_ignore_ascii_case(n.as_bytes()))
-        })
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
-        pairs
-            .iter()
-            .map(|(k, v)| (http::HeaderName::from_static(k), v.parse().unwrap()))
-            .collect()
-    }
-
-    fn request(method: Method, pairs: &[(&'static str, &'static str)]) -> Request<String> {
-        let mut r = Request::builder()
-            .method(method)
-            .uri("/hot?q=1")
-            .body(String::new())
-            .unwrap();
-        *r.headers_mut() = headers(pairs);
-        r
-    }
-
-    #[test]
-    fn only_plain_idempotent_reads_have_a_key() {
-        assert!(key(&request(Method::GET, &[("host", "a")])).is_some());
-        assert!(key(&request(Method::HEAD, &[])).is_some());
-        assert!(key(&request(Method::POST, &[])).is_none());
-        assert!(
-            key(&request(
-                Method::GET,
-                &[("cache-control", "max-age=0, no-store")]
-            ))
-            .is_none()
-        );
-        assert!(key(&request(Method::GET, &[("cache-control", "No-Cache")])).is_none());
-        assert!(key(&request(Method::GET, &[("pragma", "no-cache")])).is_none());
-        assert!(key(&request(Method::GET, &[("upgrade", "websocket")])).is_none());
-    }
-
-    #[test]
-    fn users_and_hosts_do_not_share() {
-        let a = key(&request(Method::GET, &[("host", "a"), ("cookie", "s=1")]));
-        let b = key(&request(Method::GET, &[("host", "a"), ("cookie", "s=2")]));
-        let c = key(&request(Method::GET, &[("host", "b"), ("cookie", "s=1")]));
-        let d = key(&request(Method::GET, &[("host", "a"), ("cookie", "s=1")]));
-        assert_ne!(a, b);
-        assert_ne!(a, c);
-        assert_eq!(a, d);
-        let auth = key(&request(
-            Method::GET,
-            &[("host", "a"), ("authorization", "Bearer x")],
-        ));
-        assert_ne!(key(&request(Method::GET, &[("host", "a")])), auth);
-    }
-
-    #[test]
-    fn private_or_cookie_setting_responses_are_not_shared() {
-        assert!(shareable(&headers(&[(
-            "cache-control",
-            "public, max-age=5"
-        )])));
-        assert!(!shareable(&headers(&[("cache-control", "private")])));
-        assert!(!shareable(&headers(&[("cache-control", "no-store")])));
-        assert!(!shareable(&headers(&[("set-cookie", "a=b")])));
-        assert!(!shareable(&headers(&[("vary", "accept, *")])));
-    }
-
-    #[test]
-    fn vary_compares_the_named_request_headers() {
-        let response = headers(&[("vary", "Accept-Encoding, accept-language")]);
-        let leader = headers(&[("accept-encoding", "gzip"), ("accept-language", "en")]);
-        let same = headers(&[("accept-encoding", "gzip"), ("accept-language", "en")]);
-        let other = headers(&[("accept-encoding", "br"), ("accept-language", "en")]);
-        let missing = headers(&[("accept-language", "en")]);
-        assert!(vary_matches(&response, &leader, &same));
-        assert!(!vary_matches(&response, &leader, &other));
-        assert!(!vary_matches(&response, &leader, &missing));
-        assert!(vary_matches(&HeaderMap::new(), &leader, &other));
     }
 }
