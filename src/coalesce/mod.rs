@@ -18,7 +18,7 @@
 //!   to the app on their own, as if coalescing were off.
 //!
 //! With `coalesce_cache` on the route, shareable responses with an explicit lifetime are also
-//! kept for a while ([`cache`]), and identical requests are answered from there.
+//! kept for a while (`cache`), and identical requests are answered from there.
 //!
 //! The leader's response body is read from the app in full (it is at most
 //! `--coalesce-max-body`) before anyone gets it, so followers wait for the app, never for the

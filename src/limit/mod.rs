@@ -2,7 +2,7 @@
 //! bounded, ordered queue.
 //!
 //! A request first takes its route's permit (a FIFO semaphore), then a global slot from
-//! [`slots`]. When either is not free at once the request takes a place in the queue (bounded
+//! `slots`. When either is not free at once the request takes a place in the queue (bounded
 //! by `--max-queue`, all routes together; a full route may hold at most as many places as it
 //! has slots) and waits at most `--queue-timeout`. The global wait list is ordered by priority
 //! class, then first attempts before retries, then arrival (FIFO, or LIFO under overload), and
