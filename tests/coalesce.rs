@@ -65,18 +65,10 @@ impl HeldApp {
 }
 
 async fn coalescing_tidegate(app: &HeldApp, extra: &[&str]) -> Tidegate {
-    let dir = std::env::temp_dir().join(format!(
-        "tidegate-coalesce-{}-{}",
-        std::process::id(),
-        fastrand::u64(..)
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("routes.toml");
-    std::fs::write(
-        &file,
+    let file = scratch_file(
+        "routes.toml",
         "[[route]]\nprefix = \"/hot\"\ncoalesce = true\n\n[[route]]\nprefix = \"/plain\"\n",
-    )
-    .unwrap();
+    );
     let mut args = vec!["--config", file.to_str().unwrap()];
     args.extend_from_slice(extra);
     tidegate(app.upstream.addr, &args).await
@@ -410,19 +402,11 @@ async fn caching_app() -> Upstream {
 }
 
 async fn caching_tidegate(app: &Upstream) -> Tidegate {
-    let dir = std::env::temp_dir().join(format!(
-        "tidegate-cache-{}-{}",
-        std::process::id(),
-        fastrand::u64(..)
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("routes.toml");
-    std::fs::write(
-        &file,
+    let file = scratch_file(
+        "routes.toml",
         "[[route]]\nprefix = \"/cache\"\ncoalesce_cache = \"30s\"\n\n\
          [[route]]\nprefix = \"/brief\"\ncoalesce_cache = \"2s\"\n",
-    )
-    .unwrap();
+    );
     tidegate(app.addr, &["--config", file.to_str().unwrap()]).await
 }
 

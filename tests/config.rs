@@ -13,13 +13,7 @@ use nix::sys::signal::Signal;
 use support::*;
 
 fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "tidegate-config-{}-{}-{name}",
-        std::process::id(),
-        fastrand::u64(..)
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    scratch_dir(&format!("config-{name}"))
 }
 
 /// Replaces the file atomically, as editors and config management do.

@@ -292,12 +292,7 @@ async fn busy_checks_do_not_fail_readiness_once_ready() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn not_ready_until_the_app_passes_its_first_check() {
-    let dir = std::env::temp_dir().join(format!(
-        "tidegate-health-{}-{}",
-        std::process::id(),
-        fastrand::u64(..)
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("health");
     let path = dir.join("app.sock");
     let tg = tidegate(format!("unix:{}", path.display()), &[]).await;
     for _ in 0..5 {

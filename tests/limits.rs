@@ -106,14 +106,10 @@ async fn oversized_heads_get_431_and_long_targets_414() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_bodies_over_the_limit_get_413_globally_and_per_route() {
     let app = body_size_upstream().await;
-    let dir = std::env::temp_dir().join(format!("tidegate-limits-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("tidegate.toml");
-    std::fs::write(
-        &file,
+    let file = scratch_file(
+        "tidegate.toml",
         "max_request_body = \"1KiB\"\n\n[[route]]\nprefix = \"/upload\"\nmax_request_body = \"64KiB\"\n",
-    )
-    .unwrap();
+    );
     let tg = tidegate(app.addr, &["--config", file.to_str().unwrap()]).await;
     let client = client();
     let post = |path: &str, body: Body| Request::post(tg.url(path)).body(body).unwrap();
@@ -153,7 +149,7 @@ async fn request_bodies_over_the_limit_get_413_globally_and_per_route() {
         .unwrap();
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(rejected(&tg, "body-too-large").await, Some(4.0));
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(file.parent().unwrap());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

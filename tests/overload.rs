@@ -393,15 +393,11 @@ async fn controlled_delay_sheds_stale_waiters_fast_once_overloaded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn critical_requests_use_reserved_slots_jump_the_queue_and_are_shed_last() {
     let gate = OrderedGate::start().await;
-    let dir = std::env::temp_dir().join(format!("tidegate-overload-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("priority.toml");
-    std::fs::write(
-        &file,
+    let file = scratch_file(
+        "priority.toml",
         "[[route]]\nprefix = \"/batch\"\npriority = \"low\"\n\n\
          [[route]]\nprefix = \"/checkout\"\npriority = \"critical\"\n",
-    )
-    .unwrap();
+    );
     let tg = tidegate(
         gate.upstream.addr,
         &[
@@ -472,7 +468,6 @@ async fn critical_requests_use_reserved_slots_jump_the_queue_and_are_shed_last()
     let routes = s["limiter"]["routes"].as_array().unwrap();
     assert_eq!(routes[0]["priority"], "low");
     assert_eq!(routes[1]["priority"], "critical");
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -404,12 +404,7 @@ async fn websocket_echo_tunnels_end_to_end() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unix_socket_upstream() {
-    let dir = std::env::temp_dir().join(format!(
-        "tidegate-test-{}-{}",
-        std::process::id(),
-        fastrand::u64(..)
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("unix");
     let path = dir.join("app.sock");
     let listener = tokio::net::UnixListener::bind(&path).unwrap();
     let app = tokio::spawn(async move {

@@ -266,12 +266,7 @@ struct Load {
 
 /// Runs a full rolling restart under constant load and returns what the clients saw.
 async fn rolling_restart(with_tidegate: bool) -> Load {
-    let dir = std::env::temp_dir().join(format!(
-        "tidegate-rolling-{}-{}",
-        std::process::id(),
-        fastrand::u64(..)
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("rolling");
     let mut slots: Vec<Slot> = (0..REPLICAS).map(|_| Slot::new()).collect();
     for s in &mut slots {
         s.start(with_tidegate, &dir);

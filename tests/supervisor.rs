@@ -10,13 +10,7 @@ use nix::sys::signal::Signal;
 use support::*;
 
 fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "tidegate-sup-{}-{}-{name}",
-        std::process::id(),
-        fastrand::u64(..)
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    scratch_dir(&format!("sup-{name}"))
 }
 
 fn fixture() -> String {

@@ -67,6 +67,26 @@ where
     }
 }
 
+// ===== scratch files =====
+
+/// A fresh directory under the system's temp dir, unique to this test process and call.
+pub fn scratch_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "tidegate-{name}-{}-{}",
+        std::process::id(),
+        fastrand::u64(..)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Writes `text` to `file_name` in a fresh scratch directory and returns its path.
+pub fn scratch_file(file_name: &str, text: &str) -> std::path::PathBuf {
+    let path = scratch_dir("file").join(file_name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
 // ===== upstream apps =====
 
 /// A running test upstream.
