@@ -4,10 +4,11 @@
 //!
 //! - **Proxy lane** ([`serve`], [`stack`]): the proxy runtime accepts client connections and
 //!   serves each with the tower stack *record metrics → `Connection: close` on shutdown →
-//!   rescue errors → request limits ([`screen`]) → admission ([`limit`]) → [`proxy`]*, which forwards to the app over a pooled
-//!   client and streams bodies both ways.
+//!   rescue errors → request limits ([`screen`]) → coalescing ([`coalesce`]) → admission
+//!   ([`limit`]: fixed or adaptive limit, ordered queue) → [`proxy`]*, which forwards to the
+//!   app over a pooled client and streams bodies both ways.
 //! - **Reserved lane** ([`admin`]): its own OS thread and current-thread runtime answer
-//!   `/livez`, `/readyz`, `/app/livez`, `/metrics`, `/prestop` and `/drain` from cached
+//!   `/livez`, `/readyz`, `/app/livez`, `/metrics`, `/state`, `/prestop` and `/drain` from cached
 //!   [`health`] state, and run the app's active health checks, so a saturated proxy or app
 //!   cannot make a probe wait.
 //!

@@ -442,6 +442,21 @@ mod tests {
         let file = parse(&text).unwrap();
         assert!(file.max_concurrency.is_some());
         assert!(!file.routes.is_empty());
+        assert!(file.routes.iter().any(|r| r.coalesce_cache.is_some()));
+    }
+
+    #[test]
+    fn max_concurrency_is_a_number_or_auto() {
+        let auto = parse("max_concurrency = \"auto\"\n").unwrap();
+        assert_eq!(auto.max_concurrency, Some(MaxConcurrency::Auto));
+        let fixed = parse("max_concurrency = 50\n").unwrap();
+        assert_eq!(fixed.max_concurrency, Some(MaxConcurrency::Fixed(50)));
+        let routes =
+            parse("[[route]]\nprefix = \"/a\"\npriority = \"critical\"\ncoalesce_cache = \"5s\"\n")
+                .unwrap()
+                .routes;
+        assert_eq!(routes[0].priority, Some(Priority::Critical));
+        assert!(routes[0].coalesces());
     }
 
     #[test]
@@ -474,6 +489,23 @@ mod tests {
                 "route[0].max_concurrency:",
             ),
             ("[[route]]\nprefix = \"/a\"\ncolour = \"red\"\n", "colour"),
+            (
+                "adaptive_algorithm = \"vegas\"\n",
+                ":1: adaptive_algorithm:",
+            ),
+            ("priority_header = \"a b\"\n", ":1: priority_header:"),
+            (
+                "[[route]]\nprefix = \"/a\"\npriority = \"urgent\"\n",
+                "priority",
+            ),
+            (
+                "[[route]]\nprefix = \"/a\"\ncoalesce = false\ncoalesce_cache = \"5s\"\n",
+                "route[0].coalesce_cache: caching needs coalescing",
+            ),
+            (
+                "[[route]]\nprefix = \"/a\"\ncoalesce_cache = \"0s\"\n",
+                "route[0].coalesce_cache: must be greater than zero",
+            ),
             // Found by tests/fuzz.rs: a line with no key still names something.
             ("=\n", ":1: (file):"),
         ];

@@ -54,7 +54,7 @@ pub struct Args {
     #[arg(long, env = "TIDEGATE_UPSTREAM", default_value = "http://127.0.0.1:8000", value_name = "URL", value_parser = parse_upstream)]
     pub upstream: Upstream,
 
-    /// Address of the admin listener (/livez, /readyz, /app/livez, /metrics, /prestop, /drain)
+    /// Address of the admin listener (/livez, /readyz, /app/livez, /metrics, /state, /prestop, /drain)
     #[arg(
         long,
         env = "TIDEGATE_ADMIN_LISTEN",
@@ -867,6 +867,46 @@ mod tests {
         assert_eq!(cfg.args.listen.port(), 8080);
         assert_eq!(cfg.args.on_client_abort, ClientAbort::Finish);
         assert!(cfg.args.shutdown_delay + cfg.args.drain_timeout < Duration::from_secs(30));
+    }
+
+    #[test]
+    fn adaptive_and_queue_flags_are_validated_by_name() {
+        let cfg = parse(&["--max-concurrency", "auto"]).unwrap();
+        assert_eq!(cfg.args.max_concurrency, Some(MaxConcurrency::Auto));
+        assert_eq!(cfg.max_queue(), 512, "the queue defaults to the ceiling");
+        let limits = cfg.limit_config();
+        assert_eq!(limits.max_concurrency, None);
+        assert_eq!(limits.adaptive.unwrap().min, 4);
+        let cfg = parse(&["--max-concurrency", "50"]).unwrap();
+        assert_eq!(cfg.args.fixed_concurrency(), Some(50));
+        assert!(cfg.limit_config().adaptive.is_none());
+        for (args, names) in [
+            (&["--max-concurrency", "0"][..], "--max-concurrency"),
+            (&["--max-concurrency", "lots"], "--max-concurrency"),
+            (
+                &["--min-concurrency", "10", "--max-concurrency-ceiling", "5"],
+                "--min-concurrency",
+            ),
+            (&["--reserved-slots", "1"], "--reserved-slots"),
+            (
+                &["--max-concurrency", "4", "--reserved-slots", "3"],
+                "--reserved-slots",
+            ),
+            (
+                &["--max-concurrency", "auto", "--reserved-slots", "3"],
+                "--reserved-slots",
+            ),
+            (&["--priority-header", "bad header"], "--priority-header"),
+            (&["--queue-codel-target", "0s"], "--queue-codel-target"),
+            (
+                &["--retry-after", "5s", "--retry-after-max", "2s"],
+                "--retry-after-max",
+            ),
+            (&["--adaptive-algorithm", "vegas"], "--adaptive-algorithm"),
+        ] {
+            let err = parse(args).unwrap_err();
+            assert!(err.contains(names), "{args:?}: {err}");
+        }
     }
 
     #[test]
