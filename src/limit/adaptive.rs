@@ -1,7 +1,7 @@
 //! `--max-concurrency auto`: a concurrency limit that follows the app's measured latency.
 //!
-//! Every finished exchange is a sample: how long it held its slot, and how many requests were
-//! in flight. Samples are gathered in windows (at least [`WINDOW`] and [`WINDOW_SAMPLES`]
+//! Every finished exchange is a sample: the app's time to answer (admission to response
+//! head; the whole hold time if it ended without one), and how many requests were in flight. Samples are gathered in windows (at least [`WINDOW`] and [`WINDOW_SAMPLES`]
 //! samples, or [`WINDOW_MAX`] with any). At the end of a window its average latency is
 //! compared with the *baseline*, the app's no-load latency.
 //!

@@ -155,9 +155,9 @@ struct RouteCounters {
 /// The latency sample an admission gives the adaptive limit when it is released.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Sample {
-    /// The time the slot was held.
+    /// The time the slot was held (the exchange ended before a response head).
     Held,
-    /// A latency fixed earlier (a tunnel's handshake).
+    /// The time to the app's response head.
     Fixed(Duration),
     /// None: the exchange says nothing about the app's latency.
     Skip,
@@ -658,8 +658,8 @@ impl Admission {
     }
 
     /// Fixes the adaptive limit's latency sample at the time so far, although the slot stays
-    /// held (a WebSocket tunnel: its lifetime is the client's business, its handshake is the
-    /// app's latency).
+    /// held: called when the app's response head arrives, so that a client reading the body
+    /// slowly (or a WebSocket tunnel's lifetime) does not count as the app's latency.
     pub fn sample_now(&mut self) {
         if let (Some(since), Sample::Held) = (self.since, self.sample) {
             self.sample = Sample::Fixed(since.elapsed());
@@ -928,7 +928,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn tunnels_sample_their_handshake_and_refused_connections_nothing() {
+    async fn samples_end_at_the_response_head_and_refused_connections_give_none() {
         let held = recent_latency_after(|_| {}).await.unwrap();
         assert!((held - 0.2).abs() < 0.01, "the time held: {held}");
         let fixed = recent_latency_after(Admission::sample_now).await.unwrap();

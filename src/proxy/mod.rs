@@ -225,12 +225,14 @@ impl Shared {
             }
         };
         self.progress.record();
+        // The adaptive limit's sample is the app's time to answer, not the client's time to
+        // read the body (or a tunnel's lifetime).
+        guard.admission_mut().sample_now();
 
         if response.status() == StatusCode::SWITCHING_PROTOCOLS
             && let Some(client_side) = upgrade
         {
             let app_side = hyper::upgrade::on(&mut response);
-            guard.admission_mut().sample_now();
             self.tunnels
                 .spawn(upgrade::tunnel(client_side, app_side, guard));
             let (mut parts, _empty) = response.into_parts();
