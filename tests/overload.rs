@@ -288,6 +288,33 @@ fn spawn_request(
     })
 }
 
+/// An [`OrderedGate`] app behind a tidegate with one slot (`--max-concurrency 1`), a queue of
+/// `queue` and a long `--queue-timeout`, plus `extra` flags; the slot is already held by a
+/// `/held` request, returned last.
+async fn one_slot_held(
+    queue: &str,
+    extra: &[&str],
+) -> (
+    OrderedGate,
+    Tidegate,
+    tokio::task::JoinHandle<(StatusCode, http::HeaderMap)>,
+) {
+    let gate = OrderedGate::start().await;
+    let mut args = vec![
+        "--max-concurrency",
+        "1",
+        "--max-queue",
+        queue,
+        "--queue-timeout",
+        "30s",
+    ];
+    args.extend_from_slice(extra);
+    let tg = tidegate(gate.upstream.addr, &args).await;
+    let held = spawn_request(tg.url("/held"), &[]);
+    gate.wait_for(1).await;
+    (gate, tg, held)
+}
+
 async fn wait_queued(tg: &Tidegate, n: i64) {
     eventually(&format!("{n} queued"), Duration::from_secs(10), || {
         tg.metrics.queued.get() == n
@@ -297,24 +324,8 @@ async fn wait_queued(tg: &Tidegate, n: i64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lifo_under_overload_serves_the_newest_waiter_first() {
-    let gate = OrderedGate::start().await;
-    let tg = tidegate(
-        gate.upstream.addr,
-        &[
-            "--max-concurrency",
-            "1",
-            "--max-queue",
-            "8",
-            "--queue-timeout",
-            "30s",
-            "--queue-lifo",
-            "--queue-codel-interval",
-            "50ms",
-        ],
-    )
-    .await;
-    let first = spawn_request(tg.url("/held"), &[]);
-    gate.wait_for(1).await;
+    let (gate, tg, first) =
+        one_slot_held("8", &["--queue-lifo", "--queue-codel-interval", "50ms"]).await;
     let mut waiters = Vec::new();
     for (i, path) in ["/old", "/middle", "/new"].iter().enumerate() {
         waiters.push(spawn_request(tg.url(path), &[]));
@@ -338,16 +349,9 @@ async fn lifo_under_overload_serves_the_newest_waiter_first() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn controlled_delay_sheds_stale_waiters_fast_once_overloaded() {
-    let gate = OrderedGate::start().await;
-    let tg = tidegate(
-        gate.upstream.addr,
+    let (gate, tg, held) = one_slot_held(
+        "8",
         &[
-            "--max-concurrency",
-            "1",
-            "--max-queue",
-            "8",
-            "--queue-timeout",
-            "30s",
             "--queue-codel-target",
             "50ms",
             "--queue-codel-interval",
@@ -355,8 +359,6 @@ async fn controlled_delay_sheds_stale_waiters_fast_once_overloaded() {
         ],
     )
     .await;
-    let held = spawn_request(tg.url("/held"), &[]);
-    gate.wait_for(1).await;
     let stale = spawn_request(tg.url("/stale"), &[]);
     wait_queued(&tg, 1).await;
     eventually_async("queue overloaded", Duration::from_secs(5), || async {
@@ -472,25 +474,9 @@ async fn critical_requests_use_reserved_slots_jump_the_queue_and_are_shed_last()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_queue_behind_first_attempts() {
-    let gate = OrderedGate::start().await;
-    let tg = tidegate(
-        gate.upstream.addr,
-        &[
-            "--max-concurrency",
-            "1",
-            "--max-queue",
-            "1",
-            "--queue-timeout",
-            "30s",
-            "--retry-header",
-            "x-retry-attempt",
-            "--retry-memory",
-            "30s",
-        ],
-    )
-    .await;
-    let held = spawn_request(tg.url("/held"), &[]);
-    gate.wait_for(1).await;
+    let retry_flags = ["--retry-header", "x-retry-attempt"];
+    let memory = ["--retry-memory", "30s"];
+    let (gate, tg, held) = one_slot_held("1", &[&retry_flags[..], &memory[..]].concat()).await;
     let retry = spawn_request(tg.url("/retry"), &[("x-retry-attempt", "2")]);
     wait_queued(&tg, 1).await;
     // The queue holds one: this first attempt is refused, and its client (127.0.0.1) is
@@ -512,23 +498,7 @@ async fn retries_queue_behind_first_attempts() {
     assert_eq!(held.await.unwrap().0, StatusCode::OK);
     assert_eq!(retry.await.unwrap().0, StatusCode::OK);
 
-    let gate = OrderedGate::start().await;
-    let tg = tidegate(
-        gate.upstream.addr,
-        &[
-            "--max-concurrency",
-            "1",
-            "--max-queue",
-            "4",
-            "--queue-timeout",
-            "30s",
-            "--retry-header",
-            "x-retry-attempt",
-        ],
-    )
-    .await;
-    let held = spawn_request(tg.url("/held"), &[]);
-    gate.wait_for(1).await;
+    let (gate, tg, held) = one_slot_held("4", &retry_flags).await;
     let retry = spawn_request(tg.url("/retry"), &[("x-retry-attempt", "1")]);
     wait_queued(&tg, 1).await;
     let first = spawn_request(tg.url("/first"), &[("x-retry-attempt", "0")]);
