@@ -18,7 +18,6 @@
 //! those, refusals (503) and give-ups per second, and `auto`'s goodput as a ratio of the best
 //! fixed cap's. Figures are for this machine; the ratios are the point.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -30,8 +29,11 @@ use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioExecutor;
 use tokio::sync::Semaphore;
+
+#[path = "common/mod.rs"]
+mod common;
 
 const SERVICE: Duration = Duration::from_millis(10);
 const WORKERS: [u32; 2] = [16, 4];
@@ -50,40 +52,17 @@ const TARGETS: [(&str, &str, &[&str]); 5] = [
     ),
 ];
 
-/// The app: `workers` sleeping workers; the pool can shrink while requests run.
+/// The app: sleeping workers from `pool`; the pool can shrink while requests run.
 async fn app(pool: Arc<Semaphore>) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let _ = stream.set_nodelay(true);
-            let pool = pool.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |_req: Request<Incoming>| {
-                    let pool = pool.clone();
-                    async move {
-                        let _worker = pool.acquire().await;
-                        tokio::time::sleep(SERVICE).await;
-                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
+    common::serve(move |_req: Request<Incoming>| {
+        let pool = pool.clone();
+        async move {
+            let _worker = pool.acquire().await;
+            tokio::time::sleep(SERVICE).await;
+            Response::new(Full::new(Bytes::from_static(b"ok")))
         }
-    });
-    addr
-}
-
-fn free_addr() -> SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("addr")
+    })
+    .await
 }
 
 /// The tidegate binary in front of `app` with `--max-concurrency target`.
@@ -92,8 +71,8 @@ fn start_tidegate(
     target: &str,
     extra: &[&str],
 ) -> (Child, SocketAddr, SocketAddr) {
-    let proxy = free_addr();
-    let admin = free_addr();
+    let proxy = common::free_addr();
+    let admin = common::free_addr();
     let child = Command::new(env!("CARGO_BIN_EXE_tidegate"))
         .args(["--listen", &proxy.to_string()])
         .args(["--admin-listen", &admin.to_string()])

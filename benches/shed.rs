@@ -10,7 +10,6 @@
 //! one-thread runtime of their own. Figures are for this machine only; the ratios are the
 //! point.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,8 +19,11 @@ use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioExecutor;
 use tokio::sync::Semaphore;
+
+#[path = "common/mod.rs"]
+mod common;
 
 const CONNECTIONS: usize = 32;
 const REQUESTS_PER_ROUND: usize = 40_000;
@@ -38,34 +40,16 @@ fn runtime(name: &str) -> tokio::runtime::Runtime {
 
 /// An app answering "ok" at once, except `/hold`, which waits until the bench ends.
 async fn app(hold: Arc<Semaphore>) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let _ = stream.set_nodelay(true);
-            let hold = hold.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                    let hold = hold.clone();
-                    async move {
-                        if req.uri().path() == "/hold" {
-                            let _ = hold.acquire().await;
-                        }
-                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
+    common::serve(move |req: Request<Incoming>| {
+        let hold = hold.clone();
+        async move {
+            if req.uri().path() == "/hold" {
+                let _ = hold.acquire().await;
+            }
+            Response::new(Full::new(Bytes::from_static(b"ok")))
         }
-    });
-    addr
+    })
+    .await
 }
 
 struct Round {

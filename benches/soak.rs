@@ -7,7 +7,6 @@
 //! Everything runs on 127.0.0.1; every load loop ends when the duration is over.
 
 use std::collections::BTreeMap;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -21,9 +20,12 @@ use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioExecutor;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::Mutex;
+
+#[path = "common/mod.rs"]
+mod common;
 
 type Body = http_body_util::combinators::BoxBody<Bytes, hyper::Error>;
 
@@ -35,52 +37,35 @@ fn full(bytes: impl Into<Bytes>) -> Body {
 
 /// The app: fast, slow, streamed and upload routes.
 async fn app() -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind app");
-    let addr = listener.local_addr().expect("app addr");
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(|req: Request<Incoming>| async move {
-                    let response = match req.uri().path() {
-                        "/slow" => {
-                            let ms = 100 + fastrand::u64(0..200);
-                            tokio::time::sleep(Duration::from_millis(ms)).await;
-                            Response::new(full("slow"))
-                        }
-                        "/stream" => {
-                            let chunks = futures_util::stream::unfold(0, |n| async move {
-                                if n == 16 {
-                                    return None;
-                                }
-                                tokio::time::sleep(Duration::from_millis(2)).await;
-                                let frame = Frame::data(Bytes::from(vec![b's'; 4096]));
-                                Some((Ok::<_, hyper::Error>(frame), n + 1))
-                            });
-                            Response::new(StreamBody::new(chunks).boxed())
-                        }
-                        "/upload" => {
-                            let n = match req.into_body().collect().await {
-                                Ok(body) => body.to_bytes().len(),
-                                Err(_) => 0,
-                            };
-                            Response::new(full(n.to_string()))
-                        }
-                        _ => Response::new(full("ok")),
-                    };
-                    Ok::<_, Infallible>(response)
+    common::serve(|req: Request<Incoming>| async move {
+        match req.uri().path() {
+            "/slow" => {
+                let ms = 100 + fastrand::u64(0..200);
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                Response::new(full("slow"))
+            }
+            "/stream" => {
+                let chunks = futures_util::stream::unfold(0, |n| async move {
+                    if n == 16 {
+                        return None;
+                    }
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    let frame = Frame::data(Bytes::from(vec![b's'; 4096]));
+                    Some((Ok::<_, hyper::Error>(frame), n + 1))
                 });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
+                Response::new(StreamBody::new(chunks).boxed())
+            }
+            "/upload" => {
+                let n = match req.into_body().collect().await {
+                    Ok(body) => body.to_bytes().len(),
+                    Err(_) => 0,
+                };
+                Response::new(full(n.to_string()))
+            }
+            _ => Response::new(full("ok")),
         }
-    });
-    addr
+    })
+    .await
 }
 
 /// The config file, alternating between two sets of limits on each reload.
@@ -104,8 +89,8 @@ struct Tidegate {
 }
 
 fn start_tidegate(app: SocketAddr, config: &Path) -> Tidegate {
-    let proxy = free_addr();
-    let admin = free_addr();
+    let proxy = common::free_addr();
+    let admin = common::free_addr();
     let child = Command::new(env!("CARGO_BIN_EXE_tidegate"))
         .args(["--listen", &proxy.to_string()])
         .args(["--admin-listen", &admin.to_string()])
@@ -121,11 +106,6 @@ fn start_tidegate(app: SocketAddr, config: &Path) -> Tidegate {
         addr: proxy,
         admin,
     }
-}
-
-fn free_addr() -> SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("addr")
 }
 
 /// One sample of the process's resources.
