@@ -59,16 +59,8 @@ fn route() -> impl Strategy<Value = Option<RouteSpec>> {
             _ => PathMatch::glob(glob).ok()?,
         };
         Some(RouteSpec {
-            name: format!("{kind}:{}", path.pattern()),
             methods: methods.map(|m| m.iter().map(|m| m.parse().unwrap()).collect()),
-            path,
-            limit: None,
-            timeout: None,
-            retry_after: None,
-            max_request_body: None,
-            priority: None,
-            coalesce: false,
-            coalesce_cache: None,
+            ..RouteSpec::new(format!("{kind}:{}", path.pattern()), path)
         })
     })
 }

@@ -126,6 +126,22 @@ fn check_path(path: &str) -> Result<(), String> {
 // === impl RouteSpec ===
 
 impl RouteSpec {
+    /// A route named `name` matching `path`, for all methods, with no settings of its own.
+    pub fn new(name: impl Into<String>, path: PathMatch) -> RouteSpec {
+        RouteSpec {
+            name: name.into(),
+            path,
+            methods: None,
+            limit: None,
+            timeout: None,
+            retry_after: None,
+            max_request_body: None,
+            priority: None,
+            coalesce: false,
+            coalesce_cache: None,
+        }
+    }
+
     /// Parses the `--route PREFIX=K` flag, e.g. `/slow=4`.
     pub fn parse_flag(value: &str) -> Result<RouteSpec, String> {
         let (prefix, limit) = value
@@ -140,16 +156,8 @@ impl RouteSpec {
             return Err(format!("{value:?}: K must be at least 1"));
         }
         Ok(RouteSpec {
-            name: path.pattern().to_owned(),
-            path,
-            methods: None,
             limit: Some(limit),
-            timeout: None,
-            retry_after: None,
-            max_request_body: None,
-            priority: None,
-            coalesce: false,
-            coalesce_cache: None,
+            ..RouteSpec::new(path.pattern().to_owned(), path)
         })
     }
 
@@ -235,29 +243,14 @@ mod tests {
     fn exact_then_glob_then_prefix_and_methods() {
         let mut r = flags(&["/api=4"]);
         r.push(RouteSpec {
-            name: "export".into(),
-            path: PathMatch::glob("/api/*/export").unwrap(),
             methods: Some(vec![Method::POST]),
             limit: Some(1),
-            timeout: None,
-            retry_after: None,
-            max_request_body: None,
-            priority: None,
-            coalesce: false,
-            coalesce_cache: None,
+            ..RouteSpec::new("export", PathMatch::glob("/api/*/export").unwrap())
         });
-        r.push(RouteSpec {
-            name: "health".into(),
-            path: PathMatch::exact("/api/health").unwrap(),
-            methods: None,
-            limit: None,
-            timeout: None,
-            retry_after: None,
-            max_request_body: None,
-            priority: None,
-            coalesce: false,
-            coalesce_cache: None,
-        });
+        r.push(RouteSpec::new(
+            "health",
+            PathMatch::exact("/api/health").unwrap(),
+        ));
         assert_eq!(find(&r, Method::GET, "/api/health"), Some(2));
         assert_eq!(find(&r, Method::POST, "/api/users/export"), Some(1));
         assert_eq!(
