@@ -82,8 +82,8 @@ pub struct Limiter {
 pub struct Admission {
     shared: Arc<Shared>,
     route: Option<Arc<RouteState>>,
-    /// When the global slot was taken; `None` once released.
-    since: Option<Instant>,
+    /// When the global slot was taken.
+    since: Instant,
     /// What the release reports to the adaptive limit.
     sample: Sample,
     route_permit: Option<OwnedSemaphorePermit>,
@@ -508,7 +508,7 @@ impl Shared {
         Admission {
             shared: self.clone(),
             route,
-            since: Some(Instant::now()),
+            since: Instant::now(),
             sample: Sample::Held,
             route_permit,
             max_request_body,
@@ -539,12 +539,17 @@ impl Shared {
     /// Little's law: the time the queue ahead needs at the recent service rate, within the
     /// configured bounds. `None` when the estimate is off.
     fn retry_after_estimate(&self) -> Option<Duration> {
+        self.retry_after_at(|| self.global.service_rate())
+    }
+
+    /// [`Shared::retry_after_estimate`] with the service rate given (read only if needed).
+    fn retry_after_at(&self, rate: impl FnOnce() -> f64) -> Option<Duration> {
         let low = self.retry_after_bounds_ms.0.load(Ordering::Relaxed);
         let high = self.retry_after_bounds_ms.1.load(Ordering::Relaxed);
         if high == 0 {
             return None;
         }
-        let rate = self.global.service_rate();
+        let rate = rate();
         let ahead = self.queued.load(Ordering::Relaxed) as f64 + 1.0;
         let ms = if rate > 0.0 {
             (ahead / rate * 1000.0) as u64
@@ -661,8 +666,8 @@ impl Admission {
     /// held: called when the app's response head arrives, so that a client reading the body
     /// slowly (or a WebSocket tunnel's lifetime) does not count as the app's latency.
     pub fn sample_now(&mut self) {
-        if let (Some(since), Sample::Held) = (self.since, self.sample) {
-            self.sample = Sample::Fixed(since.elapsed());
+        if self.sample == Sample::Held {
+            self.sample = Sample::Fixed(self.since.elapsed());
         }
     }
 
@@ -677,15 +682,14 @@ impl Drop for Admission {
     fn drop(&mut self) {
         let shared = &self.shared;
         shared.metrics.in_flight.dec();
-        if let Some(since) = self.since.take() {
-            let latency = match self.sample {
-                Sample::Held => Some(since.elapsed()),
-                Sample::Fixed(latency) => Some(latency),
-                Sample::Skip => None,
-            };
-            if let Some(update) = shared.global.release(latency) {
-                shared.on_update(update);
-            }
+        let now = Instant::now();
+        let latency = match self.sample {
+            Sample::Held => Some(now.saturating_duration_since(self.since)),
+            Sample::Fixed(latency) => Some(latency),
+            Sample::Skip => None,
+        };
+        if let Some(update) = shared.global.release(now, latency) {
+            shared.on_update(update);
         }
         match &self.route {
             Some(route) => {

@@ -95,6 +95,9 @@ pub struct SlotsView {
     pub service_rate: f64,
     /// Adaptive limit state, when `--max-concurrency auto`.
     pub adaptive: Option<AdaptiveView>,
+    /// Queue order and controlled delay (shown by the limiter's own view).
+    #[serde(skip)]
+    pub discipline: Discipline,
 }
 
 /// The adaptive controller's state.
@@ -290,11 +293,10 @@ impl Slots {
         true
     }
 
-    /// Gives a slot back. `latency` is the exchange's sample for the adaptive limit, if it
-    /// gives one. Returns the adaptive limit's update when a sample window ended.
-    pub(super) fn release(&self, latency: Option<Duration>) -> Option<Update> {
+    /// Gives a slot back at `now`. `latency` is the exchange's sample for the adaptive limit,
+    /// if it gives one. Returns the adaptive limit's update when a sample window ended.
+    pub(super) fn release(&self, now: Instant, latency: Option<Duration>) -> Option<Update> {
         let mut state = self.lock();
-        let now = Instant::now();
         let in_flight = state.in_flight;
         state.in_flight = state.in_flight.saturating_sub(1);
         state.rate.count(now);
@@ -318,11 +320,6 @@ impl Slots {
         }
     }
 
-    /// The queue order and controlled-delay settings.
-    pub(super) fn discipline(&self) -> Discipline {
-        self.lock().discipline
-    }
-
     /// Completed exchanges per second, recently.
     pub(super) fn service_rate(&self) -> f64 {
         self.lock().rate.read(Instant::now())
@@ -341,6 +338,7 @@ impl Slots {
             overloaded,
             lifo_active: overloaded && state.discipline.lifo,
             service_rate: state.rate.read(now),
+            discipline: state.discipline,
             adaptive: state.adaptive.as_ref().map(|c| {
                 let config = c.config();
                 AdaptiveView {
@@ -545,7 +543,7 @@ mod tests {
         let mut critical = queued(s.join(Priority::Critical, false));
         let order = [&mut critical, &mut first, &mut second, &mut retry, &mut low];
         for (i, wait) in order.into_iter().enumerate() {
-            s.release(Some(Duration::ZERO));
+            s.release(Instant::now(), Some(Duration::ZERO));
             assert!(granted(wait), "waiter {i} in order");
         }
     }
@@ -562,12 +560,12 @@ mod tests {
         let mut old = queued(s.join(Priority::Normal, false));
         let mut new = queued(s.join(Priority::Normal, false));
         // Not yet overloaded: FIFO.
-        s.release(Some(Duration::ZERO));
+        s.release(Instant::now(), Some(Duration::ZERO));
         assert!(granted(&mut old));
         let mut newest = queued(s.join(Priority::Normal, false));
         tokio::time::advance(Duration::from_millis(150)).await;
         assert!(s.view().lifo_active);
-        s.release(Some(Duration::ZERO));
+        s.release(Instant::now(), Some(Duration::ZERO));
         assert!(granted(&mut newest), "overloaded: newest first");
         assert!(!granted(&mut new));
     }
@@ -595,7 +593,7 @@ mod tests {
             Some(Duration::from_millis(5)),
             "short wait when overloaded"
         );
-        s.release(Some(Duration::ZERO));
+        s.release(Instant::now(), Some(Duration::ZERO));
         let waker = futures_util::task::noop_waker();
         let mut cx = std::task::Context::from_waker(&waker);
         assert!(matches!(
@@ -644,7 +642,7 @@ mod tests {
         assert!(s.try_acquire(Priority::Normal));
         let a = queued(s.join(Priority::Normal, false));
         let mut b = queued(s.join(Priority::Normal, false));
-        s.release(Some(Duration::ZERO)); // granted to a, which never looks
+        s.release(Instant::now(), Some(Duration::ZERO)); // granted to a, which never looks
         drop(a);
         assert!(granted(&mut b));
         assert_eq!(s.view().in_flight, 1);
@@ -654,7 +652,7 @@ mod tests {
             1,
             "b took its slot; the caller releases it"
         );
-        s.release(Some(Duration::ZERO));
+        s.release(Instant::now(), Some(Duration::ZERO));
         assert_eq!(s.view().in_flight, 0);
         assert_eq!(s.view().waiting, 0);
     }

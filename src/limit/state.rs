@@ -67,7 +67,8 @@ impl Limiter {
     pub fn state(&self) -> LimiterState {
         let shared = &self.shared;
         let slots = shared.global.view();
-        let discipline = shared.global.discipline();
+        let discipline = slots.discipline;
+        let retry_after_estimate = shared.retry_after_at(|| slots.service_rate);
         let classify = shared.classifier.config();
         let mode = match (&slots.adaptive, slots.limit) {
             (Some(_), _) => "auto",
@@ -110,7 +111,7 @@ impl Limiter {
             priority_header: classify.priority_header.as_ref().map(|h| h.to_string()),
             retry_header: classify.retry_header.as_ref().map(|h| h.to_string()),
             retry_memory: classify.retry_memory.map(|d| d.as_secs_f64()),
-            retry_after_estimate: self.retry_after_estimate().map(|d| d.as_secs_f64()),
+            retry_after_estimate: retry_after_estimate.map(|d| d.as_secs_f64()),
             draining: shared.draining.load(Ordering::Relaxed),
             routes,
         }
@@ -140,10 +141,10 @@ impl Limiter {
                 }
             }
         }
-        if let Some(estimate) = self.retry_after_estimate() {
+        if let Some(estimate) = shared.retry_after_at(|| view.service_rate) {
             metrics.retry_after_estimate.set(estimate.as_secs_f64());
         }
-        let discipline = shared.global.discipline();
+        let discipline = view.discipline;
         let (min, max) = view.adaptive.as_ref().map_or((0, 0), |a| (a.min, a.max));
         for (setting, value) in [
             ("min_concurrency", f64::from(min)),
