@@ -104,8 +104,15 @@ impl Cache {
             return inner.usage();
         }
         let now = Instant::now();
-        inner.entries.retain(|_, e| e.fresh_until > now);
-        inner.bytes = inner.entries.values().map(|e| e.size).sum();
+        let mut expired = 0;
+        inner.entries.retain(|_, e| {
+            let fresh = e.fresh_until > now;
+            if !fresh {
+                expired += e.size;
+            }
+            fresh
+        });
+        inner.bytes -= expired;
         while inner.bytes + size > max_bytes || inner.entries.len() >= MAX_ENTRIES {
             let Some((old, id)) = inner.order.pop_front() else {
                 break;

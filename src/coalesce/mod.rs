@@ -211,7 +211,7 @@ where
             match joined {
                 Joined::Leader(publisher) => {
                     let response = inner.call(request).await.map_err(Into::into)?;
-                    publisher.publish(response, &shared, cache_for).await
+                    publisher.publish(response, cache_for).await
                 }
                 Joined::Follower(flight) => match shared.follow(&flight, request.headers()).await {
                     Some(response) => Ok(response),
@@ -329,14 +329,13 @@ impl Publisher {
     async fn publish(
         self,
         response: Response<ResponseBody>,
-        shared: &Shared,
         cache_for: Option<Duration>,
     ) -> Result<Response<ResponseBody>, BoxError> {
         if !shareable(response.headers()) {
             self.finish(Outcome::Alone);
             return Ok(response);
         }
-        let max = shared.live.peek().args.coalesce_max_body.as_u64() as usize;
+        let max = self.shared.live.peek().args.coalesce_max_body.as_u64() as usize;
         let (parts, mut body) = response.into_parts();
         if body.size_hint().upper().is_some_and(|n| n as usize > max) {
             self.finish(Outcome::Alone);
@@ -384,15 +383,15 @@ impl Publisher {
         if let Some(fresh) =
             cache_for.and_then(|limit| rules::freshness(parts.status, &parts.headers, limit))
         {
-            let max = shared.live.peek().args.coalesce_cache_size.as_u64() as usize;
-            let usage = shared.cache.put(
+            let max = self.shared.live.peek().args.coalesce_cache_size.as_u64() as usize;
+            let usage = self.shared.cache.put(
                 self.key.clone(),
                 shared_response.clone(),
                 self.flight.request_headers.clone(),
                 fresh,
                 max,
             );
-            shared.publish_usage(usage);
+            self.shared.publish_usage(usage);
         }
         self.finish(Outcome::Shared(shared_response));
         Ok(Response::from_parts(parts, body))
