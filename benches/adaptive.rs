@@ -19,7 +19,6 @@
 //! fixed cap's. Figures are for this machine; the ratios are the point.
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -66,26 +65,12 @@ async fn app(pool: Arc<Semaphore>) -> SocketAddr {
 }
 
 /// The tidegate binary in front of `app` with `--max-concurrency target`.
-fn start_tidegate(
-    app: SocketAddr,
-    target: &str,
-    extra: &[&str],
-) -> (Child, SocketAddr, SocketAddr) {
-    let proxy = common::free_addr();
-    let admin = common::free_addr();
-    let child = Command::new(env!("CARGO_BIN_EXE_tidegate"))
-        .args(["--listen", &proxy.to_string()])
-        .args(["--admin-listen", &admin.to_string()])
-        .args(["--upstream", &format!("http://{app}")])
-        .args(["--max-concurrency", target])
-        .args(["--max-queue", "64", "--queue-timeout", "200ms"])
-        .args(["--threads", "1", "--access-log", "false", "--log", "error"])
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start tidegate");
-    (child, proxy, admin)
+fn start_tidegate(app: SocketAddr, target: &str, extra: &[&str]) -> common::Tidegate {
+    let mut args = vec!["--max-concurrency", target];
+    args.extend(["--max-queue", "64", "--queue-timeout", "200ms"]);
+    args.extend(["--threads", "1", "--access-log", "false", "--log", "error"]);
+    args.extend_from_slice(extra);
+    common::start_tidegate(app, &args)
 }
 
 #[derive(Default, Clone)]
@@ -129,7 +114,11 @@ async fn limit_of(
 async fn run_target(target: &str, extra: &[&str], phase: Duration) -> Vec<PhaseResult> {
     let pool = Arc::new(Semaphore::new(WORKERS[0] as usize));
     let app_addr = app(pool.clone()).await;
-    let (mut child, proxy, admin) = start_tidegate(app_addr, target, extra);
+    let common::Tidegate {
+        mut child,
+        addr: proxy,
+        admin,
+    } = start_tidegate(app_addr, target, extra);
     let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(512)
         .build_http();

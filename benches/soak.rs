@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -26,6 +26,8 @@ use tokio::sync::Mutex;
 
 #[path = "common/mod.rs"]
 mod common;
+
+use common::Tidegate;
 
 type Body = http_body_util::combinators::BoxBody<Bytes, hyper::Error>;
 
@@ -82,30 +84,9 @@ fn config_text(generation: u64) -> String {
     )
 }
 
-struct Tidegate {
-    child: Child,
-    addr: SocketAddr,
-    admin: SocketAddr,
-}
-
 fn start_tidegate(app: SocketAddr, config: &Path) -> Tidegate {
-    let proxy = common::free_addr();
-    let admin = common::free_addr();
-    let child = Command::new(env!("CARGO_BIN_EXE_tidegate"))
-        .args(["--listen", &proxy.to_string()])
-        .args(["--admin-listen", &admin.to_string()])
-        .args(["--upstream", &format!("http://{app}")])
-        .args(["--config", config.to_str().expect("utf-8 path")])
-        .args(["--log", "warn"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start tidegate");
-    Tidegate {
-        child,
-        addr: proxy,
-        admin,
-    }
+    let config = config.to_str().expect("utf-8 path");
+    common::start_tidegate(app, &["--config", config, "--log", "warn"])
 }
 
 /// One sample of the process's resources.

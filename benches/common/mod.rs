@@ -1,5 +1,5 @@
 //! Pieces the benchmarks share (each bench includes this file with `#[path]`): a loopback app
-//! server and a free loopback address.
+//! server, a free loopback address, and the tidegate binary started in front of an app.
 
 // Each bench uses only some of these.
 #![allow(dead_code)]
@@ -7,6 +7,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
 
 use http::{Request, Response};
 use http_body::Body;
@@ -52,4 +53,31 @@ where
 pub fn free_addr() -> SocketAddr {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     listener.local_addr().expect("addr")
+}
+
+/// The tidegate binary, started by a bench.
+pub struct Tidegate {
+    /// The process.
+    pub child: Child,
+    /// Its proxy listener.
+    pub addr: SocketAddr,
+    /// Its admin listener.
+    pub admin: SocketAddr,
+}
+
+/// Starts the release binary on free loopback ports in front of `app`, with `args` added;
+/// its stderr goes to the bench's.
+pub fn start_tidegate(app: SocketAddr, args: &[&str]) -> Tidegate {
+    let addr = free_addr();
+    let admin = free_addr();
+    let child = Command::new(env!("CARGO_BIN_EXE_tidegate"))
+        .args(["--listen", &addr.to_string()])
+        .args(["--admin-listen", &admin.to_string()])
+        .args(["--upstream", &format!("http://{app}")])
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start tidegate");
+    Tidegate { child, addr, admin }
 }
