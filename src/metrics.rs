@@ -75,6 +75,12 @@ pub struct Metrics {
     pub upstream_errors: IntCounterVec,
     /// `tidegate_connections_open`: downstream connections open now.
     pub connections_open: IntGauge,
+    /// `tidegate_connections_parked`: open HTTP/1.1 connections that are idle with their
+    /// buffers freed (`--park-idle-after`); counted in `connections_open` too.
+    pub connections_parked: IntGauge,
+    /// `tidegate_connection_parks_total`: times an idle connection was parked. Close to the
+    /// request rate means `--park-idle-after` is shorter than clients' pauses between requests.
+    pub connection_parks: IntCounter,
     /// `tidegate_connections_total`: downstream connections accepted.
     pub connections_total: IntCounter,
     /// `tidegate_connections_rejected_total`: connections closed at once because
@@ -350,6 +356,20 @@ impl Metrics {
                 IntGauge::new(
                     "tidegate_connections_open",
                     "Client connections open on the proxy listener",
+                )?,
+            )?,
+            connections_parked: reg(
+                r,
+                IntGauge::new(
+                    "tidegate_connections_parked",
+                    "Idle HTTP/1.1 client connections whose buffers are freed until their next byte",
+                )?,
+            )?,
+            connection_parks: reg(
+                r,
+                IntCounter::new(
+                    "tidegate_connection_parks_total",
+                    "Times an idle HTTP/1.1 client connection was parked (its buffers freed)",
                 )?,
             )?,
             connections_total: reg(

@@ -67,6 +67,8 @@ pub(super) struct FileConfig {
     header_read_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     idle_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    park_idle_after: Option<Duration>,
     max_connections: Option<u32>,
     max_header_bytes: Option<ByteSize>,
     max_headers: Option<u32>,
@@ -293,6 +295,7 @@ impl FileConfig {
             connect_timeout,
             header_read_timeout,
             idle_timeout,
+            park_idle_after,
             max_connections,
             max_header_bytes,
             max_headers,

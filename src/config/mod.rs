@@ -105,6 +105,12 @@ pub struct Args {
     #[arg(long, env = "TIDEGATE_IDLE_TIMEOUT", default_value = "90s", value_name = "DURATION", value_parser = parse_duration)]
     pub idle_timeout: Duration,
 
+    /// Free an idle HTTP/1.1 connection's buffers (about 24 KiB) after it has had no request
+    /// in flight for this long; the connection stays open and wakes on its next byte. `0s`
+    /// parks at once; a value at or above --idle-timeout never parks
+    #[arg(long, env = "TIDEGATE_PARK_IDLE_AFTER", default_value = "100ms", value_name = "DURATION", value_parser = parse_duration)]
+    pub park_idle_after: Duration,
+
     /// Open client connections at most; beyond it a new connection gets a 503 and is closed
     #[arg(long, env = "TIDEGATE_MAX_CONNECTIONS", default_value_t = 20_000, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,

@@ -7,11 +7,16 @@
 //! header timer cannot tell the two apart (it starts when hyper waits for a head, so it also
 //! cuts idle keep-alive connections), hence this tracker: the connection's IO
 //! (`conn_io::ConnIo`) notes reads, the service wrapper [`Track`] notes request boundaries.
+//!
+//! The same tracker tells when an idle HTTP/1 connection may be *parked* (`--park-idle-after`):
+//! its hyper connection is ended without closing the socket, which frees hyper's buffers, and
+//! a new one is started on the socket's next byte. Only a connection whose last request had no
+//! body is parked, so hyper is known to be between messages.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -34,6 +39,11 @@ pub(super) struct Activity {
     idle_since: AtomicU64,
     /// When the first byte of the next request head arrived (ms since `epoch`), or [`NONE`].
     head_since: AtomicU64,
+    /// Whether the last request had no body: hyper has nothing left to read for it.
+    parkable: AtomicBool,
+    /// Set while the driver ends hyper's connection to park it: shutting the IO down then
+    /// leaves the socket open.
+    parking: AtomicBool,
     changed: Notify,
 }
 
@@ -44,6 +54,8 @@ pub(super) enum Expiry {
     Idle,
     /// A request head took longer than `--header-read-timeout`: close at once.
     Header,
+    /// Idle for `--park-idle-after`: free the connection's buffers, keep the socket.
+    Park,
 }
 
 /// Counts one request in flight until dropped (with its response body).
@@ -86,6 +98,8 @@ impl Activity {
             in_flight: AtomicUsize::new(0),
             idle_since: AtomicU64::new(0),
             head_since: AtomicU64::new(0),
+            parkable: AtomicBool::new(false),
+            parking: AtomicBool::new(false),
             changed: Notify::new(),
         })
     }
@@ -95,9 +109,11 @@ impl Activity {
     }
 
     /// A request head was parsed: the connection is busy until the returned guard drops.
-    pub(super) fn start_request(self: &Arc<Self>) -> InFlight {
+    /// `has_body` is whether a request body may follow the head.
+    pub(super) fn start_request(self: &Arc<Self>, has_body: bool) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         self.head_since.store(NONE, Ordering::Release);
+        self.parkable.store(!has_body, Ordering::Release);
         // No wake-up: a busy connection has no deadline, and the driver re-checks the state
         // when its current timer fires. Only changes that bring a deadline forward notify.
         InFlight(self.clone())
@@ -116,24 +132,46 @@ impl Activity {
     }
 
     /// When the connection expires if nothing changes, and why; `None` while busy.
-    /// `header_timeout` is `None` where it does not apply (HTTP/2).
+    /// `header_timeout` and `park_after` are `None` where they do not apply (HTTP/2; a
+    /// connection already parked).
     pub(super) fn deadline(
         &self,
         idle_timeout: Duration,
         header_timeout: Option<Duration>,
+        park_after: Option<Duration>,
     ) -> Option<(Instant, Expiry)> {
         if self.in_flight.load(Ordering::Acquire) > 0 {
             return None;
         }
         let head = self.head_since.load(Ordering::Acquire);
         let at = |ms: u64, after: Duration| self.epoch + Duration::from_millis(ms) + after;
-        match header_timeout {
-            Some(timeout) if head != NONE => Some((at(head, timeout), Expiry::Header)),
-            _ => Some((
-                at(self.idle_since.load(Ordering::Acquire), idle_timeout),
-                Expiry::Idle,
-            )),
+        if let Some(timeout) = header_timeout
+            && head != NONE
+        {
+            return Some((at(head, timeout), Expiry::Header));
         }
+        let idle_since = self.idle_since.load(Ordering::Acquire);
+        match park_after {
+            Some(after)
+                if after < idle_timeout
+                    && head == NONE
+                    && self.parkable.load(Ordering::Acquire) =>
+            {
+                Some((at(idle_since, after), Expiry::Park))
+            }
+            _ => Some((at(idle_since, idle_timeout), Expiry::Idle)),
+        }
+    }
+
+    /// Marks the connection as being parked (or no longer): see [`Activity::parking`].
+    pub(super) fn set_parking(&self, parking: bool) {
+        self.parking.store(parking, Ordering::Release);
+    }
+
+    /// Whether the driver is ending hyper's connection to park it, so that shutting the IO
+    /// down must leave the socket open.
+    pub(super) fn parking(&self) -> bool {
+        self.parking.load(Ordering::Acquire)
     }
 
     /// Resolves when the connection goes idle or a new head starts arriving.
@@ -169,6 +207,7 @@ impl<S> Track<S> {
 impl<S, B, R> Service<Request<B>> for Track<S>
 where
     S: Service<Request<B>, Response = Response<R>>,
+    B: Body,
 {
     type Response = Response<TrackedBody<R>>;
     type Error = S::Error;
@@ -179,7 +218,7 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
-        let in_flight = self.activity.start_request();
+        let in_flight = self.activity.start_request(!request.body().is_end_stream());
         TrackFuture {
             inner: self.inner.call(request),
             in_flight: Some(in_flight),
@@ -236,39 +275,76 @@ mod tests {
         let activity = Activity::new(start);
         // The first head is arriving from the start.
         assert_eq!(
-            activity.deadline(IDLE, Some(HEAD)),
+            activity.deadline(IDLE, Some(HEAD), None),
             Some((start + HEAD, Expiry::Header))
         );
-        let request = activity.start_request();
-        assert_eq!(activity.deadline(IDLE, Some(HEAD)), None, "busy");
+        let request = activity.start_request(false);
+        assert_eq!(activity.deadline(IDLE, Some(HEAD), None), None, "busy");
         tokio::time::advance(Duration::from_secs(100)).await;
         drop(request);
         let idle_from = start + Duration::from_secs(100);
         assert_eq!(
-            activity.deadline(IDLE, Some(HEAD)),
+            activity.deadline(IDLE, Some(HEAD), None),
             Some((idle_from + IDLE, Expiry::Idle))
         );
         tokio::time::advance(Duration::from_secs(30)).await;
         activity.on_read();
         assert_eq!(
-            activity.deadline(IDLE, Some(HEAD)),
+            activity.deadline(IDLE, Some(HEAD), None),
             Some((idle_from + Duration::from_secs(30) + HEAD, Expiry::Header))
         );
         // HTTP/2 has no head timeout: reads (PINGs, SETTINGS) do not keep it alive either.
         assert_eq!(
-            activity.deadline(IDLE, None),
+            activity.deadline(IDLE, None, None),
             Some((idle_from + IDLE, Expiry::Idle))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn park_deadline_only_between_bodyless_requests() {
+        const PARK: Option<Duration> = Some(Duration::from_millis(100));
+        let start = Instant::now();
+        let activity = Activity::new(start);
+        // The first head is arriving: its timeout applies, not parking.
+        assert_eq!(
+            activity.deadline(IDLE, Some(HEAD), PARK),
+            Some((start + HEAD, Expiry::Header))
+        );
+        drop(activity.start_request(false));
+        assert_eq!(
+            activity.deadline(IDLE, Some(HEAD), PARK),
+            Some((start + Duration::from_millis(100), Expiry::Park))
+        );
+        // Bytes of the next head arrived: not parked under them.
+        activity.on_read();
+        assert_eq!(
+            activity.deadline(IDLE, Some(HEAD), PARK).map(|(_, e)| e),
+            Some(Expiry::Header)
+        );
+        // A request with a body: hyper may still be reading it, so the connection only idles.
+        drop(activity.start_request(true));
+        assert_eq!(
+            activity.deadline(IDLE, Some(HEAD), PARK).map(|(_, e)| e),
+            Some(Expiry::Idle)
+        );
+        // Parking at or after the idle timeout never happens.
+        drop(activity.start_request(false));
+        assert_eq!(
+            activity
+                .deadline(IDLE, Some(HEAD), Some(IDLE))
+                .map(|(_, e)| e),
+            Some(Expiry::Idle)
         );
     }
 
     #[tokio::test(start_paused = true)]
     async fn idle_starts_when_the_last_of_several_requests_ends() {
         let activity = Activity::new(Instant::now());
-        let a = activity.start_request();
-        let b = activity.start_request();
+        let a = activity.start_request(false);
+        let b = activity.start_request(false);
         drop(a);
-        assert_eq!(activity.deadline(IDLE, None), None);
+        assert_eq!(activity.deadline(IDLE, None, None), None);
         drop(b);
-        assert!(activity.deadline(IDLE, None).is_some());
+        assert!(activity.deadline(IDLE, None, None).is_some());
     }
 }

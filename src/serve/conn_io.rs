@@ -6,6 +6,8 @@
 //!   closing the socket with unread bytes makes the kernel send a reset, and the client may
 //!   lose the response it has not read yet. So shutting down sends FIN first, then reads and
 //!   discards what the client still sends until it closes its side, for [`LINGER`] at most.
+//!   While the connection is being parked ([`Activity::parking`]), shutting down does nothing:
+//!   hyper's connection ends but the socket stays open for the next one.
 
 use std::future::Future;
 use std::io;
@@ -57,6 +59,16 @@ impl<T> ConnIo<T> {
             deadline: None,
         }
     }
+
+    /// The wrapped IO.
+    pub(super) fn get_ref(&self) -> &T {
+        &self.inner
+    }
+
+    /// The wrapped IO.
+    pub(super) fn get_mut(&mut self) -> &mut T {
+        &mut self.inner
+    }
 }
 
 impl<T: AsyncRead> AsyncRead for ConnIo<T> {
@@ -102,6 +114,9 @@ impl<T: AsyncRead + AsyncWrite> AsyncWrite for ConnIo<T> {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let mut this = self.project();
+        if *this.state == State::Open && this.activity.parking() {
+            return Poll::Ready(Ok(()));
+        }
         loop {
             match *this.state {
                 State::Open => {
@@ -153,6 +168,28 @@ mod tests {
         let mut got = Vec::new();
         client_read.read_to_end(&mut got).await.unwrap();
         assert_eq!(got, b"413");
+    }
+
+    #[tokio::test]
+    async fn shutdown_while_parking_leaves_the_stream_open() {
+        let (mut client, server) = tokio::io::duplex(64);
+        let activity = Activity::new(tokio::time::Instant::now());
+        let mut server = ConnIo::new(server, activity.clone());
+        activity.set_parking(true);
+        server.shutdown().await.unwrap();
+        activity.set_parking(false);
+        // Still open both ways: the client's bytes arrive, and ours reach it.
+        client.write_all(b"next").await.unwrap();
+        let mut got = [0u8; 4];
+        server.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"next");
+        server.write_all(b"ok").await.unwrap();
+        client.shutdown().await.unwrap();
+        server.shutdown().await.unwrap();
+        drop(server);
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, b"ok");
     }
 
     #[tokio::test(start_paused = true)]

@@ -4,6 +4,7 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 
 /// The client connection preface of HTTP/2 (RFC 9113 §3.4).
@@ -18,12 +19,11 @@ pub enum Protocol {
     Http2,
 }
 
-/// An IO that first yields bytes already read from `inner`.
+/// An IO that first yields bytes already read from `inner`: the bytes read to detect the
+/// protocol, or those a parked connection's hyper had read but not parsed.
 #[derive(Debug)]
 pub(super) struct Rewind<T> {
-    prefix: [u8; 24],
-    start: usize,
-    end: usize,
+    prefix: Bytes,
     inner: T,
 }
 
@@ -49,12 +49,23 @@ pub(super) async fn detect<T: AsyncRead + Unpin>(
     Ok(Some((
         protocol,
         Rewind {
-            prefix: buf,
-            start: 0,
-            end: len,
+            prefix: Bytes::copy_from_slice(&buf[..len]),
             inner: io,
         },
     )))
+}
+
+impl<T> Rewind<T> {
+    /// Makes `bytes` the next to be read, before anything else from `inner`.
+    pub(super) fn replay(&mut self, bytes: Bytes) {
+        debug_assert!(self.prefix.is_empty(), "replaying over unread bytes");
+        self.prefix = bytes;
+    }
+
+    /// The wrapped IO.
+    pub(super) fn get_ref(&self) -> &T {
+        &self.inner
+    }
 }
 
 // === impl Rewind ===
@@ -65,11 +76,9 @@ impl<T: AsyncRead + Unpin> AsyncRead for Rewind<T> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        if self.start < self.end {
-            let n = (self.end - self.start).min(buf.remaining());
-            let start = self.start;
-            buf.put_slice(&self.prefix[start..start + n]);
-            self.start += n;
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix.split_to(n));
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut self.inner).poll_read(cx, buf)

@@ -34,6 +34,7 @@ use self::activity::{Activity, Expiry, Track};
 use self::conn_io::ConnIo;
 pub use self::conn_io::LINGER;
 pub use self::detect::Protocol;
+use self::detect::Rewind;
 pub use self::fds::raise_limit as raise_fd_limit;
 use crate::config::{Config, LiveConfig};
 use crate::drain::{Lifecycle, Phase};
@@ -75,6 +76,7 @@ struct OpenConnection {
 #[derive(Copy, Clone, Debug)]
 struct ConnSettings {
     idle_timeout: Duration,
+    park_idle_after: Duration,
     header_read_timeout: Duration,
     max_header_bytes: usize,
     max_headers: u32,
@@ -199,42 +201,175 @@ async fn serve_connection(
         activity: &activity,
         idle_timeout: settings.idle_timeout,
         header_timeout: None,
+        park_after: None,
         metrics: &cx.metrics,
     };
     let result = match protocol {
         Protocol::Http1 => {
-            let mut builder = http1::Builder::new();
-            builder
-                .timer(TokioTimer::new())
-                // Head and idle timeouts are ours (see `activity`): hyper's timer would cut
-                // idle keep-alive connections after the head timeout.
-                .header_read_timeout(None)
-                .keep_alive(true)
-                .max_header_size(settings.max_header_bytes);
-            if settings.max_headers != HYPER_DEFAULT_MAX_HEADERS {
-                builder.max_headers(settings.max_headers as usize);
-            }
-            let conn = builder.serve_connection(io, service).with_upgrades();
             let watch = Watch {
                 header_timeout: Some(settings.header_read_timeout),
+                park_after: Some(settings.park_idle_after),
                 ..watch
             };
-            drive(conn, Phase::Drain, &cx.lifecycle, watch).await
+            // Boxed (here and below), so that the task of a parked connection holds only
+            // what it needs while it waits.
+            Box::pin(serve_http1(io, service, &settings, &cx, watch)).await
         }
-        Protocol::Http2 => {
-            let conn = http2::Builder::new(TokioExecutor::new())
-                .timer(TokioTimer::new())
-                .max_concurrent_streams(settings.h2_max_concurrent_streams)
-                .max_header_list_size(settings.max_header_bytes as u32)
-                .max_pending_accept_reset_streams(H2_MAX_PENDING_ACCEPT_RESETS)
-                .max_local_error_reset_streams(H2_MAX_LOCAL_ERROR_RESETS)
-                .serve_connection(io, service);
-            // GOAWAY as soon as shutdown starts, so h2 clients open new streams elsewhere.
-            drive(conn, Phase::Delay, &cx.lifecycle, watch).await
-        }
+        Protocol::Http2 => Box::pin(serve_http2(io, service, &settings, &cx, watch)).await,
     };
     if let Err(error) = result {
         tracing::debug!(%error, client.addr = %client_addr, ?protocol, "Connection ended with an error");
+    }
+}
+
+/// The client IO under hyper.
+type ClientIo = TokioIo<ConnIo<Rewind<TcpStream>>>;
+
+/// Serves an HTTP/1.x connection, parking it whenever it has been idle for
+/// `--park-idle-after`: hyper's connection (and its read and write buffers, about 24 KiB) is
+/// dropped, the socket waits for its next byte with nothing allocated but the task, and a new
+/// hyper connection takes over when it comes.
+async fn serve_http1<S>(
+    mut io: ClientIo,
+    mut service: S,
+    settings: &ConnSettings,
+    cx: &Context,
+    watch: Watch<'_>,
+) -> Result<(), hyper::Error>
+where
+    S: hyper::service::HttpService<hyper::body::Incoming> + Unpin,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S::ResBody: 'static,
+    <S::ResBody as hyper::body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        // Head and idle timeouts are ours (see `activity`): hyper's timer would cut
+        // idle keep-alive connections after the head timeout.
+        .header_read_timeout(None)
+        .keep_alive(true)
+        .max_header_size(settings.max_header_bytes);
+    if settings.max_headers != HYPER_DEFAULT_MAX_HEADERS {
+        builder.max_headers(settings.max_headers as usize);
+    }
+    loop {
+        // Boxed, so that a parked connection's task does not keep hyper's state's room.
+        let mut conn = Box::new(builder.serve_connection(io, service).with_upgrades());
+        match Box::pin(drive(
+            Pin::new(&mut *conn),
+            Phase::Drain,
+            &cx.lifecycle,
+            watch,
+        ))
+        .await
+        {
+            Ok(Ended::Parked) => {}
+            Ok(Ended::Closed) => return Ok(()),
+            Err(error) => return Err(error),
+        }
+        // `None` if the connection was upgraded after all: the tunnel owns the socket.
+        // Taken out of its box, which is freed here rather than at the end of the loop.
+        let parts = {
+            let conn = conn;
+            (*conn).into_parts()
+        };
+        let Some(parts) = parts else {
+            return Ok(());
+        };
+        let read_buf;
+        (io, service, read_buf) = (parts.io, parts.service, parts.read_buf);
+        if !read_buf.is_empty() {
+            // hyper had read part of the next head: hand it to the next connection.
+            io.inner_mut().get_mut().replay(read_buf);
+            continue;
+        }
+        // Empty, but it may still hold hyper's read buffer.
+        drop(read_buf);
+        if !Box::pin(park(&io, &cx.lifecycle, watch)).await {
+            let _ = tokio::io::AsyncWriteExt::shutdown(io.inner_mut()).await;
+            return Ok(());
+        }
+    }
+}
+
+/// Serves an HTTP/2 (h2c) connection.
+async fn serve_http2<S>(
+    io: ClientIo,
+    service: S,
+    settings: &ConnSettings,
+    cx: &Context,
+    watch: Watch<'_>,
+) -> Result<(), hyper::Error>
+where
+    S: hyper::service::HttpService<hyper::body::Incoming>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S::ResBody: 'static,
+    <S::ResBody as hyper::body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    TokioExecutor: hyper::rt::bounds::Http2ServerConnExec<S::Future, S::ResBody>,
+{
+    let conn = http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(settings.h2_max_concurrent_streams)
+        .max_header_list_size(settings.max_header_bytes as u32)
+        .max_pending_accept_reset_streams(H2_MAX_PENDING_ACCEPT_RESETS)
+        .max_local_error_reset_streams(H2_MAX_LOCAL_ERROR_RESETS)
+        .serve_connection(io, service);
+    tokio::pin!(conn);
+    // GOAWAY as soon as shutdown starts, so h2 clients open new streams elsewhere.
+    drive(conn, Phase::Delay, &cx.lifecycle, watch)
+        .await
+        .map(drop)
+}
+
+/// Waits, holding no buffer, until a parked connection's client sends its next byte (`true`),
+/// or the connection must close (`false`): idle for `--idle-timeout`, or the drain started.
+async fn park(io: &ClientIo, lifecycle: &Lifecycle, watch: Watch<'_>) -> bool {
+    let _parked = Parked::count(watch.metrics);
+    let idle_deadline = watch
+        .activity
+        .deadline(watch.idle_timeout, None, None)
+        .map(|(at, _)| at);
+    let idle = async {
+        match idle_deadline {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
+    };
+    let mut first = [0u8; 1];
+    tokio::select! {
+        biased;
+        _ = lifecycle.reached(Phase::Drain) => false,
+        // Peeked, not read: the bytes stay in the socket for hyper. 0 is the client's EOF.
+        peeked = io.inner().get_ref().get_ref().peek(&mut first) => match peeked {
+            Ok(n) if n > 0 => {
+                // A head has started arriving: its timeout applies from now, and the new
+                // connection must not be parked again before reading it.
+                watch.activity.on_read();
+                true
+            }
+            _ => false,
+        },
+        _ = idle => {
+            watch.metrics.connections_timed_out.with_label_values(&["idle"]).inc();
+            false
+        }
+    }
+}
+
+/// Counts a parked connection for as long as it is parked.
+struct Parked<'a>(&'a Metrics);
+
+impl Parked<'_> {
+    fn count(metrics: &Metrics) -> Parked<'_> {
+        metrics.connections_parked.inc();
+        Parked(metrics)
+    }
+}
+
+impl Drop for Parked<'_> {
+    fn drop(&mut self) {
+        self.0.connections_parked.dec();
     }
 }
 
@@ -269,6 +404,7 @@ impl ConnSettings {
         let a = &config.args;
         ConnSettings {
             idle_timeout: a.idle_timeout,
+            park_idle_after: a.park_idle_after,
             header_read_timeout: a.header_read_timeout,
             max_header_bytes: a.max_header_bytes.as_u64() as usize,
             max_headers: a.max_headers,
@@ -283,24 +419,38 @@ struct Watch<'a> {
     activity: &'a Activity,
     idle_timeout: Duration,
     header_timeout: Option<Duration>,
+    /// `--park-idle-after`, where the connection can be parked (HTTP/1).
+    park_after: Option<Duration>,
     metrics: &'a Metrics,
 }
 
+/// How [`drive`] finished with a connection.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+enum Ended {
+    /// hyper's connection is done and so is the socket.
+    Closed,
+    /// hyper's connection ended for parking: the socket is open, idle, between requests.
+    Parked,
+}
+
 /// Runs `conn`, asking it to finish gracefully once the lifecycle reaches `drain_at` or the
-/// connection has been idle too long; a request head that is too slow closes it at once.
+/// connection has been idle too long; a request head that is too slow closes it at once. An
+/// idle connection past `park_after` is ended without closing its socket ([`Ended::Parked`]).
 async fn drive<C: Drainable>(
-    conn: C,
+    mut conn: Pin<&mut C>,
     drain_at: Phase,
     lifecycle: &Lifecycle,
     watch: Watch<'_>,
-) -> Result<(), hyper::Error> {
-    tokio::pin!(conn);
+) -> Result<Ended, hyper::Error> {
     let reached = lifecycle.reached(drain_at);
     tokio::pin!(reached);
+    let mut parking = false;
     loop {
-        let deadline = watch
-            .activity
-            .deadline(watch.idle_timeout, watch.header_timeout);
+        let park_after = if parking { None } else { watch.park_after };
+        let deadline =
+            watch
+                .activity
+                .deadline(watch.idle_timeout, watch.header_timeout, park_after);
         let expiry = async {
             match deadline {
                 Some((at, expiry)) => {
@@ -311,12 +461,15 @@ async fn drive<C: Drainable>(
             }
         };
         tokio::select! {
-            result = conn.as_mut() => return result,
+            result = conn.as_mut() => {
+                watch.activity.set_parking(false);
+                return result.map(|()| if parking { Ended::Parked } else { Ended::Closed });
+            }
             _ = &mut reached => break,
             _ = watch.activity.changed() => continue,
             expiry = expiry => {
                 // The state may have changed since the deadline was computed.
-                if watch.activity.deadline(watch.idle_timeout, watch.header_timeout)
+                if watch.activity.deadline(watch.idle_timeout, watch.header_timeout, park_after)
                     .is_none_or(|(at, _)| at > Instant::now())
                 {
                     continue;
@@ -324,18 +477,29 @@ async fn drive<C: Drainable>(
                 let reason = match expiry {
                     Expiry::Idle => "idle",
                     Expiry::Header => "header",
+                    Expiry::Park => {
+                        // hyper closes an idle connection at once; the IO's shutdown is
+                        // skipped while parking, so the socket stays open.
+                        watch.metrics.connection_parks.inc();
+                        watch.activity.set_parking(true);
+                        parking = true;
+                        conn.as_mut().drain();
+                        continue;
+                    }
                 };
                 watch.metrics.connections_timed_out.with_label_values(&[reason]).inc();
                 if expiry == Expiry::Header {
                     // hyper has no request to answer yet: close the socket.
-                    return Ok(());
+                    return Ok(Ended::Closed);
                 }
                 break;
             }
         }
     }
+    // Closing for good: the IO's shutdown must close the socket.
+    watch.activity.set_parking(false);
     conn.as_mut().drain();
-    conn.await
+    conn.await.map(|()| Ended::Closed)
 }
 
 impl<I, S, B> Drainable for http1::UpgradeableConnection<I, S>
