@@ -2,6 +2,7 @@
 """tidegate against HAProxy, nginx and Envoy, side by side, in one run.
 
     python3 benches/peers/run.py [--install] [--seconds 10] [--rounds 3] [--only NAME,...]
+    python3 benches/peers/run.py --park-sweep [--rounds 3]
 
 Starts one fast upstream (benchkit, one thread) and, one at a time, each target in front of
 it: direct (no proxy), tidegate, HAProxy, nginx and Envoy, each with 1 and 2 threads/workers.
@@ -19,6 +20,11 @@ cancels out, medians reported:
    against tidegate's own pass-through rate;
 5. h2c downstream throughput (h2load), and streaming a 512 MiB body (MB/s vs direct).
 
+`--park-sweep` measures only tidegate ×1: its RSS with 10,000 idle keep-alive connections for
+each `--park-idle-after` in PARK_SWEEP (rounds interleaved, medians). tidegate alone can hold
+10,000 under a 20,000 descriptor limit; HAProxy, with two descriptors per connection, cannot,
+hence 9,000 in the side-by-side table.
+
 Everything listens on 127.0.0.1. Figures are for this machine only; ratios carry over.
 """
 
@@ -26,6 +32,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -301,9 +308,10 @@ def benchkit_load(benchkit, port, seconds):
     return json.loads(out.strip().splitlines()[-1])
 
 
-def idle_rss(benchkit, target):
+def idle_rss(benchkit, target, connections=None):
     holder = subprocess.Popen(["taskset", "-c", "0", str(benchkit), "idle",
-                               f"http://127.0.0.1:{target.port}/", str(IDLE_CONNECTIONS)],
+                               f"http://127.0.0.1:{target.port}/",
+                               str(connections or IDLE_CONNECTIONS)],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     line = holder.stdout.readline().strip()
     time.sleep(1)
@@ -348,7 +356,13 @@ def main():
     parser.add_argument("--seconds", type=int, default=10, help="length of each run")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved repeats")
     parser.add_argument("--only", default="", help="comma-separated target names")
+    parser.add_argument("--park-sweep", action="store_true",
+                        help="only tidegate's RSS with 10,000 idle connections per --park-idle-after")
     args = parser.parse_args()
+    # Idle-connection tests need thousands of descriptors: raise the soft limit to the hard one
+    # (inherited by the holder and the targets).
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     if args.install:
         install()
     missing = [t for t in ["haproxy", "nginx", "envoy", "wrk", "h2load", "taskset", "curl"]
@@ -361,6 +375,13 @@ def main():
     upstream = subprocess.Popen(["taskset", "-c", "1", str(benchkit), "upstream",
                                  f"127.0.0.1:{up_port}"], stdout=subprocess.DEVNULL)
     wait_port(up_port)
+    if args.park_sweep:
+        try:
+            park_sweep(tidegate, benchkit, up_port, args.rounds)
+        finally:
+            upstream.kill()
+            shutil.rmtree(TMP, ignore_errors=True)
+        return
     targets = [Target("direct", 1, "direct")]
     for threads in (1, 2):
         for name in ("tidegate", "haproxy", "nginx", "envoy"):
@@ -419,6 +440,28 @@ def main():
         upstream.kill()
         shutil.rmtree(TMP, ignore_errors=True)
     report(targets, results, h2c, shed)
+
+
+PARK_SWEEP = ["100s", "1s", "100ms", "10ms", "0s"]
+
+
+def park_sweep(tidegate, benchkit, up_port, rounds):
+    """tidegate ×1's RSS with 10,000 idle keep-alive connections, per --park-idle-after."""
+    rss = {after: [] for after in PARK_SWEEP}
+    for rnd in range(rounds):
+        for after in PARK_SWEEP:
+            t = Target("tidegate", 1, "tidegate", ["--park-idle-after", after])
+            t.start(up_port, tidegate)
+            try:
+                value, line = idle_rss(benchkit, t, 10_000)
+            finally:
+                t.stop()
+            rss[after].append(value)
+            print(f"round {rnd + 1} --park-idle-after {after:<6} {value:6.1f} MiB ({line})",
+                  flush=True)
+    print("\n| `--park-idle-after` | RSS, 10,000 idle keep-alive connections |\n|---|--:|")
+    for after in PARK_SWEEP:
+        print(f"| `{after}` | {median(rss[after]):.1f} MiB |")
 
 
 def shed_path(tidegate, benchkit, up_port, seconds, rounds):
