@@ -216,18 +216,6 @@ async fn round_trip(stream: &mut TcpStream) -> String {
     String::from_utf8_lossy(&buf[..n]).into_owned()
 }
 
-/// Waits for the peer to close `stream`; returns how long it took.
-async fn closed_within(stream: &mut TcpStream, within: Duration) -> Duration {
-    let start = Instant::now();
-    let mut buf = [0u8; 64];
-    let n = tokio::time::timeout(within, stream.read(&mut buf))
-        .await
-        .expect("the connection should have been closed")
-        .unwrap_or(0);
-    assert_eq!(n, 0, "unexpected bytes: {:?}", &buf[..n]);
-    start.elapsed()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_keep_alive_connections_close_after_the_idle_timeout_only() {
     let gate = Gate::start().await;

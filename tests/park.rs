@@ -6,7 +6,7 @@
 mod support;
 
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -146,18 +146,6 @@ async fn a_connection_whose_request_had_a_body_is_not_parked() {
     assert_eq!(read_responses(&mut with_body, 1).await, [200]);
     without.write_all(REQUEST).await.unwrap();
     assert_eq!(read_responses(&mut without, 1).await, [200]);
-}
-
-/// Waits for the peer to close `stream`; returns how long it took.
-async fn closed_within(stream: &mut TcpStream, within: Duration) -> Duration {
-    let start = Instant::now();
-    let mut buf = [0u8; 64];
-    let n = tokio::time::timeout(within, stream.read(&mut buf))
-        .await
-        .expect("the connection should have been closed")
-        .unwrap_or(0);
-    assert_eq!(n, 0, "unexpected bytes: {:?}", &buf[..n]);
-    start.elapsed()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

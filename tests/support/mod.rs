@@ -620,6 +620,19 @@ pub async fn raw_exchange(addr: SocketAddr, payload: &[u8], within: Duration) ->
     (String::from_utf8_lossy(&out).into_owned(), closed)
 }
 
+/// Waits for the peer to close `stream` (EOF, no bytes first); returns how long it took.
+pub async fn closed_within(stream: &mut tokio::net::TcpStream, within: Duration) -> Duration {
+    use tokio::io::AsyncReadExt;
+    let start = std::time::Instant::now();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(within, stream.read(&mut buf))
+        .await
+        .expect("the connection should have been closed")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "unexpected bytes: {:?}", &buf[..n]);
+    start.elapsed()
+}
+
 /// The status codes of the HTTP/1.1 responses in `text`, in order.
 pub fn statuses(text: &str) -> Vec<u16> {
     text.match_indices("HTTP/1.1 ")
