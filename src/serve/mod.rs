@@ -268,12 +268,12 @@ where
             Ok(Ended::Closed) => return Ok(()),
             Err(error) => return Err(error),
         }
-        // `None` if the connection was upgraded after all: the tunnel owns the socket.
         // Taken out of its box, which is freed here rather than at the end of the loop.
         let parts = {
             let conn = conn;
             (*conn).into_parts()
         };
+        // `None` if the connection was upgraded after all: the tunnel owns the socket.
         let Some(parts) = parts else {
             return Ok(());
         };
