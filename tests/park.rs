@@ -190,3 +190,48 @@ async fn parked_connections_still_close_when_idle_too_long_and_at_the_drain() {
     assert!(after < Duration::from_millis(500), "closed after {after:?}");
     assert_eq!(parked(&tg), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_the_exchange_closes_is_closed_not_parked() {
+    const BIG: usize = 4 << 20;
+    let app = upstream(|_req| async { http::Response::new(full(vec![b'x'; BIG])) }).await;
+    let tg = tidegate(
+        app.addr,
+        &["--park-idle-after", "0s", "--shutdown-delay", "30s"],
+    )
+    .await;
+    // Closed by the client's request, by HTTP/1.0, and by tidegate's own `Connection: close`
+    // on responses during the shutdown delay.
+    for (head, shutting_down) in [
+        (
+            "GET /big HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+            false,
+        ),
+        ("GET /big HTTP/1.0\r\n\r\n", false),
+        ("GET /big HTTP/1.1\r\nHost: a\r\n\r\n", true),
+    ] {
+        if shutting_down {
+            tg.lifecycle.start_shutdown();
+        }
+        let mut stream = TcpStream::connect(tg.addr).await.unwrap();
+        stream.write_all(head.as_bytes()).await.unwrap();
+        // A slow reader: hyper is still writing the body long after it has taken all of it
+        // from the app, so the connection looks idle for a while before hyper closes it.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        let mut received = 0;
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let n = tokio::time::timeout_at(deadline, stream.read(&mut buf))
+                .await
+                .unwrap_or_else(|_| panic!("no EOF after {received} bytes ({head:?})"))
+                .unwrap();
+            if n == 0 {
+                break;
+            }
+            received += n;
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        assert!(received > BIG, "{received} bytes ({head:?})");
+    }
+    assert_eq!(parks(&tg), 0);
+}

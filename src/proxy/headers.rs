@@ -124,7 +124,8 @@ pub fn add_via(headers: &mut HeaderMap) {
     headers.append(header::VIA, VIA_VALUE);
 }
 
-fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+/// Whether a `Connection` field of `headers` lists `token` (case-insensitive).
+pub fn connection_has(headers: &HeaderMap, token: &str) -> bool {
     headers
         .get_all(header::CONNECTION)
         .iter()

@@ -10,8 +10,9 @@
 //!
 //! The same tracker tells when an idle HTTP/1 connection may be *parked* (`--park-idle-after`):
 //! its hyper connection is ended without closing the socket, which frees hyper's buffers, and
-//! a new one is started on the socket's next byte. Only a connection whose last request had no
-//! body is parked, so hyper is known to be between messages.
+//! a new one is started on the socket's next byte. Only a connection whose last exchange had no
+//! request body and kept the connection alive is parked: hyper is then known to be between
+//! messages, and not about to close the connection itself (which parking would prevent).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -20,12 +21,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use http::{Request, Response};
+use http::{HeaderMap, Request, Response, Version};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tower::Service;
+
+use crate::proxy::headers::connection_has;
 
 /// `head_since` when no request head has started.
 const NONE: u64 = u64::MAX;
@@ -39,7 +42,8 @@ pub(super) struct Activity {
     idle_since: AtomicU64,
     /// When the first byte of the next request head arrived (ms since `epoch`), or [`NONE`].
     head_since: AtomicU64,
-    /// Whether the last request had no body: hyper has nothing left to read for it.
+    /// Whether the last exchange had no request body and kept the connection alive: hyper has
+    /// nothing left to read for it and will not close the connection on its own.
     parkable: AtomicBool,
     /// Set while the driver ends hyper's connection to park it: shutting the IO down then
     /// leaves the socket open.
@@ -109,11 +113,12 @@ impl Activity {
     }
 
     /// A request head was parsed: the connection is busy until the returned guard drops.
-    /// `has_body` is whether a request body may follow the head.
-    pub(super) fn start_request(self: &Arc<Self>, has_body: bool) -> InFlight {
+    /// `parkable` is whether the request lets the connection be parked once it is done: it has
+    /// no body and does not ask to close the connection.
+    pub(super) fn start_request(self: &Arc<Self>, parkable: bool) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         self.head_since.store(NONE, Ordering::Release);
-        self.parkable.store(!has_body, Ordering::Release);
+        self.parkable.store(parkable, Ordering::Release);
         // No wake-up: a busy connection has no deadline, and the driver re-checks the state
         // when its current timer fires. Only changes that bring a deadline forward notify.
         InFlight(self.clone())
@@ -161,6 +166,11 @@ impl Activity {
             }
             _ => Some((at(idle_since, idle_timeout), Expiry::Idle)),
         }
+    }
+
+    /// The response closes the connection: hyper will, so it must not be parked.
+    fn closing(&self) {
+        self.parkable.store(false, Ordering::Release);
     }
 
     /// Marks the connection as being parked (or no longer): see [`Activity::parking`].
@@ -218,7 +228,9 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
-        let in_flight = self.activity.start_request(!request.body().is_end_stream());
+        let parkable =
+            request.body().is_end_stream() && keeps_alive(request.version(), request.headers());
+        let in_flight = self.activity.start_request(parkable);
         TrackFuture {
             inner: self.inner.call(request),
             in_flight: Some(in_flight),
@@ -236,7 +248,24 @@ where
         let this = self.project();
         let response = ready!(this.inner.poll(cx))?;
         let in_flight = this.in_flight.take();
+        // hyper frames the response for the client's HTTP version whatever the app spoke; only
+        // a `Connection: close` that reaches hyper (tidegate's own, during shutdown) closes.
+        if let Some(in_flight) = &in_flight
+            && connection_has(response.headers(), "close")
+        {
+            in_flight.0.closing();
+        }
         Poll::Ready(Ok(response.map(|inner| TrackedBody { inner, in_flight })))
+    }
+}
+
+/// Whether an HTTP/1 request lets its connection stay open after it (RFC 9112 §9.3): HTTP/1.1
+/// unless it says `Connection: close`, HTTP/1.0 only if it says `Connection: keep-alive`.
+fn keeps_alive(version: Version, headers: &HeaderMap) -> bool {
+    if version == Version::HTTP_10 {
+        connection_has(headers, "keep-alive")
+    } else {
+        !connection_has(headers, "close")
     }
 }
 
@@ -301,8 +330,9 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn park_deadline_only_between_bodyless_requests() {
+    async fn park_deadline_only_after_parkable_exchanges() {
         const PARK: Option<Duration> = Some(Duration::from_millis(100));
+        const PARKABLE: bool = true;
         let start = Instant::now();
         let activity = Activity::new(start);
         // The first head is arriving: its timeout applies, not parking.
@@ -310,7 +340,7 @@ mod tests {
             activity.deadline(IDLE, Some(HEAD), PARK),
             Some((start + HEAD, Expiry::Header))
         );
-        drop(activity.start_request(false));
+        drop(activity.start_request(PARKABLE));
         assert_eq!(
             activity.deadline(IDLE, Some(HEAD), PARK),
             Some((start + Duration::from_millis(100), Expiry::Park))
@@ -321,20 +351,35 @@ mod tests {
             activity.deadline(IDLE, Some(HEAD), PARK).map(|(_, e)| e),
             Some(Expiry::Header)
         );
-        // A request with a body: hyper may still be reading it, so the connection only idles.
-        drop(activity.start_request(true));
+        // A request with a body (hyper may still be reading it) or one that closes the
+        // connection: it only idles.
+        drop(activity.start_request(!PARKABLE));
         assert_eq!(
             activity.deadline(IDLE, Some(HEAD), PARK).map(|(_, e)| e),
             Some(Expiry::Idle)
         );
         // Parking at or after the idle timeout never happens.
-        drop(activity.start_request(false));
+        drop(activity.start_request(PARKABLE));
         assert_eq!(
             activity
                 .deadline(IDLE, Some(HEAD), Some(IDLE))
                 .map(|(_, e)| e),
             Some(Expiry::Idle)
         );
+    }
+
+    #[test]
+    fn keep_alive_follows_the_version_and_connection_field() {
+        let with = |value: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(http::header::CONNECTION, value.parse().unwrap());
+            headers
+        };
+        assert!(keeps_alive(Version::HTTP_11, &HeaderMap::new()));
+        assert!(!keeps_alive(Version::HTTP_11, &with("Close")));
+        assert!(!keeps_alive(Version::HTTP_11, &with("te, close")));
+        assert!(!keeps_alive(Version::HTTP_10, &HeaderMap::new()));
+        assert!(keeps_alive(Version::HTTP_10, &with("keep-alive")));
     }
 
     #[tokio::test(start_paused = true)]
