@@ -259,14 +259,11 @@ where
     }
 }
 
-/// Whether an HTTP/1 request lets its connection stay open after it (RFC 9112 §9.3): HTTP/1.1
-/// unless it says `Connection: close`, HTTP/1.0 only if it says `Connection: keep-alive`.
+/// Whether an HTTP/1 request surely leaves its connection open after its response: HTTP/1.1
+/// without `Connection: close` (RFC 9112 §9.3). Never HTTP/1.0: even with `keep-alive`, hyper
+/// closes after a response whose length it cannot tell an HTTP/1.0 client.
 fn keeps_alive(version: Version, headers: &HeaderMap) -> bool {
-    if version == Version::HTTP_10 {
-        connection_has(headers, "keep-alive")
-    } else {
-        !connection_has(headers, "close")
-    }
+    version == Version::HTTP_11 && !connection_has(headers, "close")
 }
 
 // === impl TrackedBody ===
@@ -379,7 +376,7 @@ mod tests {
         assert!(!keeps_alive(Version::HTTP_11, &with("Close")));
         assert!(!keeps_alive(Version::HTTP_11, &with("te, close")));
         assert!(!keeps_alive(Version::HTTP_10, &HeaderMap::new()));
-        assert!(keeps_alive(Version::HTTP_10, &with("keep-alive")));
+        assert!(!keeps_alive(Version::HTTP_10, &with("keep-alive")));
     }
 
     #[tokio::test(start_paused = true)]
