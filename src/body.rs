@@ -13,6 +13,7 @@ use crate::config::ClientAbort;
 use crate::error::Rejected;
 use crate::health::Progress;
 use crate::limit::Admission;
+use crate::upstream::Lease;
 
 /// The body of every response the proxy lane sends.
 #[derive(Debug)]
@@ -34,7 +35,9 @@ pub struct ExchangeGuard {
     on_abort: ClientAbort,
 }
 
-/// The app's response body. Holds its [`ExchangeGuard`] until the last frame is read.
+/// The app's response body. Holds its [`ExchangeGuard`] until the last frame is read, and
+/// then gives its connection back to the pool (an HTTP/1.1 connection is reusable only once
+/// the whole body has been read; one that fails mid-body is closed instead).
 ///
 /// When the client goes away first and `--on-client-abort finish` is set, the rest of the body
 /// is read and discarded in the background, so the slot is held until the app is done.
@@ -42,6 +45,7 @@ pub struct ExchangeGuard {
 pub struct UpstreamBody {
     inner: Option<Incoming>,
     guard: Option<ExchangeGuard>,
+    lease: Option<Lease>,
 }
 
 /// The client's request body on its way to the app. Enforces the body size limit as the bytes
@@ -178,20 +182,26 @@ impl ExchangeGuard {
 // === impl UpstreamBody ===
 
 impl UpstreamBody {
-    /// Wraps the app's body; `guard` is released when the body ends.
-    pub fn new(inner: Incoming, guard: ExchangeGuard) -> UpstreamBody {
+    /// Wraps the app's body; `guard` and `lease` are released when the body ends.
+    pub fn new(inner: Incoming, guard: ExchangeGuard, lease: Option<Lease>) -> UpstreamBody {
         let mut body = UpstreamBody {
             inner: Some(inner),
             guard: Some(guard),
+            lease,
         };
         body.release_if_ended();
         body
     }
 
     fn release_if_ended(&mut self) {
-        if self.inner.as_ref().is_none_or(Body::is_end_stream)
-            && let Some(guard) = self.guard.take()
-        {
+        if !self.inner.as_ref().is_none_or(Body::is_end_stream) {
+            return;
+        }
+        // The connection goes back first: once the slot is free, it is ready for the next.
+        if let Some(lease) = self.lease.take() {
+            lease.release();
+        }
+        if let Some(guard) = self.guard.take() {
             guard.complete();
         }
     }
@@ -212,9 +222,14 @@ impl Body for UpstreamBody {
         let frame = ready!(Pin::new(inner).poll_frame(cx));
         match &frame {
             Some(Ok(_)) => this.release_if_ended(),
-            // The exchange is over either way: an error mid-body ends it too.
-            None | Some(Err(_)) => {
+            None => {
                 this.inner = None;
+                this.release_if_ended();
+            }
+            // The exchange is over: its slot frees, its connection closes.
+            Some(Err(_)) => {
+                this.inner = None;
+                this.lease = None;
                 this.release_if_ended();
             }
         }
@@ -241,21 +256,28 @@ impl Drop for UpstreamBody {
             // Dropping the body closes the upstream connection; the slot frees now.
             return;
         }
+        let lease = self.lease.take();
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {
-                runtime.spawn(discard_rest(body, guard));
+                runtime.spawn(discard_rest(body, guard, lease));
             }
             Err(_) => tracing::debug!("No runtime to finish an abandoned exchange"),
         }
     }
 }
 
-/// Reads what is left of an abandoned response, then frees its slot.
-async fn discard_rest(mut body: Incoming, guard: ExchangeGuard) {
+/// Reads what is left of an abandoned response, then frees its slot and, if the body ended
+/// cleanly, gives its connection back.
+async fn discard_rest(mut body: Incoming, guard: ExchangeGuard, lease: Option<Lease>) {
+    let mut clean = true;
     while let Some(frame) = body.frame().await {
         if frame.is_err() {
+            clean = false;
             break;
         }
+    }
+    if clean && let Some(lease) = lease {
+        lease.release();
     }
     guard.complete();
 }

@@ -28,7 +28,6 @@ pub mod body;
 pub mod check;
 pub mod coalesce;
 pub mod config;
-pub mod connect;
 pub mod drain;
 pub mod error;
 pub mod health;
@@ -44,6 +43,7 @@ pub mod server;
 pub mod signals;
 pub mod stack;
 pub mod supervise;
+pub mod upstream;
 
 pub use crate::config::{Args, Config};
 pub use crate::server::{Running, Server, StartError};

@@ -62,6 +62,8 @@ pub(super) struct FileConfig {
     #[serde(default, with = "humantime_serde")]
     connect_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
+    upstream_idle_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
     upstream_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     header_read_timeout: Option<Duration>,
@@ -293,6 +295,7 @@ impl FileConfig {
             runtime,
             upstream_http2,
             connect_timeout,
+            upstream_idle_timeout,
             header_read_timeout,
             idle_timeout,
             park_idle_after,

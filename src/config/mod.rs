@@ -93,6 +93,11 @@ pub struct Args {
     #[arg(long, env = "TIDEGATE_CONNECT_TIMEOUT", default_value = "2s", value_name = "DURATION", value_parser = parse_duration)]
     pub connect_timeout: Duration,
 
+    /// Close a pooled connection to the app after it has been idle this long; keep it below
+    /// the app's own keep-alive timeout. `0s` opens a connection per request
+    #[arg(long, env = "TIDEGATE_UPSTREAM_IDLE_TIMEOUT", default_value = "30s", value_name = "DURATION", value_parser = parse_duration)]
+    pub upstream_idle_timeout: Duration,
+
     /// Time allowed for the app's response head per request (504 when exceeded) [default: none]
     #[arg(long, env = "TIDEGATE_UPSTREAM_TIMEOUT", value_name = "DURATION", value_parser = parse_duration)]
     pub upstream_timeout: Option<Duration>,

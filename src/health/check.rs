@@ -10,8 +10,8 @@ use tokio::time::Instant;
 
 use super::HealthState;
 use crate::config::Upstream;
-use crate::connect;
 use crate::error::BoxError;
+use crate::upstream::connect;
 
 /// Settings of one round of checks, read from the live config before each check.
 #[derive(Clone, Debug)]

@@ -1,5 +1,6 @@
-//! The innermost service: rewrites an admitted request for the app, sends it over the pooled
-//! client, and streams the answer back. Upgrades (WebSocket) become tunnels.
+//! The innermost service: rewrites an admitted request for the app, sends it over the
+//! [`upstream`](crate::upstream) client, and streams the answer back. Upgrades (WebSocket)
+//! become tunnels.
 
 pub mod headers;
 mod upgrade;
@@ -14,14 +15,11 @@ use std::time::Duration;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio_util::task::TaskTracker;
 use tower::Service;
 
 use crate::body::{ExchangeGuard, RequestBody, ResponseBody, UpstreamBody};
 use crate::config::{ClientAbort, LiveConfig, Upstream};
-use crate::connect::Connector;
 use crate::error::{
     BoxError, Rejected, UpstreamConnect, UpstreamConnectTimeout, UpstreamReset, UpstreamTimeout,
     find_cause, is_caused_by,
@@ -29,6 +27,7 @@ use crate::error::{
 use crate::health::Progress;
 use crate::limit::Admitted;
 use crate::metrics::Metrics;
+use crate::upstream::{Client, SendError};
 
 /// Forwards admitted requests to the app. Cloned per connection with the client's address.
 #[derive(Clone, Debug)]
@@ -60,9 +59,10 @@ struct Settings {
 
 #[derive(Debug)]
 struct Shared {
-    client: Client<Connector, RequestBody>,
-    authority: Authority,
-    version: Version,
+    client: Client,
+    /// Set for HTTP/2 to the app, which needs an absolute URI; HTTP/1.1 requests go out in
+    /// origin form.
+    authority: Option<Authority>,
     live: LiveConfig,
     progress: Progress,
     metrics: Arc<Metrics>,
@@ -72,8 +72,8 @@ struct Shared {
 // === impl Proxy ===
 
 impl Proxy {
-    /// Builds the pooled client for the app in `live` (the upstream and its protocol are
-    /// fixed at start; timeouts and the rest are read per request). `tunnels` tracks upgraded
+    /// Builds the client for the app in `live` (the upstream and its protocol are fixed at
+    /// start; timeouts and the rest are read per request). `tunnels` tracks upgraded
     /// connections so the drain can wait for them.
     pub fn new(
         live: LiveConfig,
@@ -81,28 +81,15 @@ impl Proxy {
         metrics: Arc<Metrics>,
         tunnels: TaskTracker,
     ) -> Proxy {
-        let config = live.load();
-        let http2 = config.args.upstream_http2;
-        let connector = Connector::new(config.args.upstream.clone(), live.clone());
-        let mut builder = Client::builder(TokioExecutor::new());
-        builder
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .set_host(false)
-            .http2_only(http2);
-        let authority = match &config.args.upstream {
+        let client = Client::new(live.clone());
+        let authority = client.is_http2().then(|| match &live.load().args.upstream {
             Upstream::Tcp { authority } => authority.clone(),
             Upstream::Unix { .. } => Authority::from_static("localhost"),
-        };
+        });
         Proxy {
             shared: Arc::new(Shared {
-                client: builder.build(connector),
+                client,
                 authority,
-                version: if http2 {
-                    Version::HTTP_2
-                } else {
-                    Version::HTTP_11
-                },
                 live,
                 progress,
                 metrics,
@@ -202,7 +189,7 @@ impl Shared {
         let upstream_request =
             self.upstream_request(request, client_ip.as_ref(), upgrade.is_some(), settings)?;
 
-        let send = self.client.request(upstream_request);
+        let send = self.client.send(upstream_request);
         let result = match settings.timeout {
             Some(limit) => match tokio::time::timeout(limit, send).await {
                 Ok(result) => result,
@@ -213,8 +200,8 @@ impl Shared {
             },
             None => send.await,
         };
-        let mut response = match result {
-            Ok(response) => response,
+        let (mut response, lease) = match result {
+            Ok(sent) => sent,
             Err(error) => {
                 let error = self.classify(error);
                 if is_caused_by::<UpstreamConnect>(&*error) {
@@ -233,8 +220,12 @@ impl Shared {
             && let Some(client_side) = upgrade
         {
             let app_side = hyper::upgrade::on(&mut response);
-            self.tunnels
-                .spawn(upgrade::tunnel(client_side, app_side, guard));
+            // The connection becomes the tunnel and never goes back to the pool; its sender
+            // is held until the tunnel ends, so hyper hands the socket over undisturbed.
+            self.tunnels.spawn(async move {
+                upgrade::tunnel(client_side, app_side, guard).await;
+                drop(lease);
+            });
             let (mut parts, _empty) = response.into_parts();
             headers::strip_hop_by_hop(&mut parts.headers, true);
             return Ok(Response::from_parts(parts, ResponseBody::empty()));
@@ -247,7 +238,7 @@ impl Shared {
         }
         Ok(Response::from_parts(
             parts,
-            ResponseBody::Upstream(UpstreamBody::new(body, guard)),
+            ResponseBody::Upstream(UpstreamBody::new(body, guard, lease)),
         ))
     }
 
@@ -265,12 +256,19 @@ impl Shared {
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        parts.uri = Uri::builder()
-            .scheme(Scheme::HTTP)
-            .authority(self.authority.clone())
-            .path_and_query(path)
-            .build()?;
-        parts.version = self.version;
+        parts.uri = match &self.authority {
+            Some(authority) => Uri::builder()
+                .scheme(Scheme::HTTP)
+                .authority(authority.clone())
+                .path_and_query(path)
+                .build()?,
+            None => Uri::from(path),
+        };
+        parts.version = if self.authority.is_some() {
+            Version::HTTP_2
+        } else {
+            Version::HTTP_11
+        };
         headers::strip_hop_by_hop(&mut parts.headers, upgrade);
         headers::set_forwarded(&mut parts.headers, client_ip, authority.as_deref());
         if settings.via {
@@ -280,7 +278,7 @@ impl Shared {
         Ok(Request::from_parts(parts, body))
     }
 
-    fn classify(&self, error: hyper_util::client::legacy::Error) -> BoxError {
+    fn classify(&self, error: SendError) -> BoxError {
         let error: BoxError = Box::new(error);
         if let Some(rejected) = find_cause::<Rejected>(&*error) {
             // The client's body failed (too large or malformed), not the app.

@@ -92,7 +92,13 @@ pub fn scratch_file(file_name: &str, text: &str) -> std::path::PathBuf {
 /// A running test upstream.
 pub struct Upstream {
     pub addr: SocketAddr,
+    /// Requests received.
     pub hits: Arc<AtomicUsize>,
+    /// Connections that carried at least one request (tidegate's TCP health checks, which
+    /// open and close a connection, are not counted).
+    pub connections: Arc<AtomicUsize>,
+    /// Of those, the ones that have ended (closed by either side).
+    pub connections_ended: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -111,7 +117,10 @@ where
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let hits = Arc::new(AtomicUsize::new(0));
+    let connections = Arc::new(AtomicUsize::new(0));
+    let connections_ended = Arc::new(AtomicUsize::new(0));
     let counter = hits.clone();
+    let (used, ends) = (connections.clone(), connections_ended.clone());
     let task = tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
@@ -119,19 +128,34 @@ where
             };
             let handler = handler.clone();
             let counter = counter.clone();
+            let (used, ends) = (used.clone(), ends.clone());
             tokio::spawn(async move {
+                let carried = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let first = carried.clone();
                 let service = hyper::service::service_fn(move |req| {
                     counter.fetch_add(1, Ordering::SeqCst);
+                    if !first.swap(true, Ordering::SeqCst) {
+                        used.fetch_add(1, Ordering::SeqCst);
+                    }
                     let fut = handler(req);
                     async move { Ok::<_, Infallible>(fut.await) }
                 });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection_with_upgrades(TokioIo::new(stream), service)
                     .await;
+                if carried.load(Ordering::SeqCst) {
+                    ends.fetch_add(1, Ordering::SeqCst);
+                }
             });
         }
     });
-    Upstream { addr, hits, task }
+    Upstream {
+        addr,
+        hits,
+        connections,
+        connections_ended,
+        task,
+    }
 }
 
 /// An upstream that answers 200 "ok".

@@ -1,19 +1,15 @@
-//! Connections to the app over TCP or a Unix socket, for the pooled proxy client
-//! ([`Connector`]) and the health checker ([`connect`]).
+//! Opening connections to the app over TCP or a Unix socket, for the proxy's pool and the
+//! health checker.
 
-use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use hyper_util::client::legacy::connect::{Connected, Connection};
-use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 
-use crate::config::{LiveConfig, Upstream};
+use crate::config::Upstream;
 use crate::error::{BoxError, UpstreamConnect, UpstreamConnectTimeout};
 
 /// A connection to the app.
@@ -23,14 +19,6 @@ pub enum Stream {
     Tcp(TcpStream),
     /// Unix domain socket.
     Unix(UnixStream),
-}
-
-/// A `tower::Service<Uri>` connector for hyper-util's pooled client. The URI is ignored: every
-/// connection goes to the one configured app.
-#[derive(Clone, Debug)]
-pub struct Connector {
-    upstream: Arc<Upstream>,
-    live: LiveConfig,
 }
 
 /// Opens a connection to the app within `timeout`.
@@ -55,41 +43,7 @@ pub async fn connect(upstream: &Upstream, timeout: Duration) -> Result<Stream, B
     }
 }
 
-// === impl Connector ===
-
-impl Connector {
-    /// A connector to `upstream`; the connect timeout is read from the live config.
-    pub fn new(upstream: Upstream, live: LiveConfig) -> Connector {
-        Connector {
-            upstream: Arc::new(upstream),
-            live,
-        }
-    }
-}
-
-impl tower::Service<http::Uri> for Connector {
-    type Response = TokioIo<Stream>;
-    type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<TokioIo<Stream>, BoxError>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _uri: http::Uri) -> Self::Future {
-        let upstream = self.upstream.clone();
-        let timeout = self.live.peek().args.connect_timeout;
-        Box::pin(async move { connect(&upstream, timeout).await.map(TokioIo::new) })
-    }
-}
-
 // === impl Stream ===
-
-impl Connection for Stream {
-    fn connected(&self) -> Connected {
-        Connected::new()
-    }
-}
 
 impl AsyncRead for Stream {
     fn poll_read(

@@ -1,0 +1,201 @@
+//! The client side of the proxy: connections to the app, and sending one request over one.
+//!
+//! HTTP/1.1 connections are pooled ([`pool`]): a request takes the most recently used idle
+//! connection or opens a new one, and its response body gives the connection back when it has
+//! been read to the end. With `--upstream-http2`, all requests share one connection, reopened
+//! when it closes. Each connection is driven by a task of its own.
+
+pub mod connect;
+mod pool;
+
+use std::sync::Arc;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+
+use crate::body::RequestBody;
+use crate::config::{LiveConfig, Upstream};
+use crate::error::BoxError;
+pub use pool::Lease;
+use pool::Pool;
+
+/// Sends requests to the app. Cheap to clone; clones share the pool.
+#[derive(Clone, Debug)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+/// Why a request got no response head from the app.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// No connection could be opened: the cause is
+    /// [`UpstreamConnect`](crate::error::UpstreamConnect) or
+    /// [`UpstreamConnectTimeout`](crate::error::UpstreamConnectTimeout).
+    #[error("no connection to the app")]
+    Connect(#[source] BoxError),
+    /// A new connection failed its HTTP handshake.
+    #[error("HTTP handshake with the app failed")]
+    Handshake(#[source] hyper::Error),
+    /// The request was handed to a connection, which failed before the response head came
+    /// (the app closed or reset it, or the client's body failed).
+    #[error("exchange with the app failed")]
+    Exchange(#[source] hyper::Error),
+}
+
+#[derive(Debug)]
+struct Inner {
+    upstream: Upstream,
+    live: LiveConfig,
+    protocol: Protocol,
+}
+
+#[derive(Debug)]
+enum Protocol {
+    Http1(Arc<Pool>),
+    /// The shared connection; the lock is held while it is (re)opened, so a burst opens one.
+    Http2(tokio::sync::Mutex<Option<http2::SendRequest<RequestBody>>>),
+}
+
+// === impl Client ===
+
+impl Client {
+    /// A client for the app in `live`'s config (fixed at start, as is the protocol:
+    /// `http2` for `--upstream-http2`); the connect timeout is read per connection.
+    pub fn new(live: LiveConfig) -> Client {
+        let config = live.load();
+        let protocol = if config.args.upstream_http2 {
+            Protocol::Http2(tokio::sync::Mutex::new(None))
+        } else {
+            Protocol::Http1(Arc::new(Pool::new(live.clone())))
+        };
+        Client {
+            inner: Arc::new(Inner {
+                upstream: config.args.upstream.clone(),
+                live,
+                protocol,
+            }),
+        }
+    }
+
+    /// Whether requests go out as HTTP/2 (they then need an absolute URI; HTTP/1.1 requests
+    /// are sent in origin form, as given).
+    pub fn is_http2(&self) -> bool {
+        matches!(self.inner.protocol, Protocol::Http2(_))
+    }
+
+    /// Sends `request` and waits for the response head. The [`Lease`], if any, must be
+    /// released when the response body has been read to its end.
+    ///
+    /// A request that a reused connection turns down unsent (the app closed it while idle) is
+    /// sent again on another connection; one that was handed to a fresh connection is not.
+    pub async fn send(
+        &self,
+        request: Request<RequestBody>,
+    ) -> Result<(Response<Incoming>, Option<Lease>), SendError> {
+        match &self.inner.protocol {
+            Protocol::Http1(pool) => self.send_http1(pool, request).await,
+            Protocol::Http2(shared) => self.send_http2(shared, request).await,
+        }
+    }
+
+    async fn send_http1(
+        &self,
+        pool: &Arc<Pool>,
+        mut request: Request<RequestBody>,
+    ) -> Result<(Response<Incoming>, Option<Lease>), SendError> {
+        loop {
+            let (mut sender, reused) = match pool.checkout() {
+                Some(sender) => (sender, true),
+                // Boxed: the connect and handshake states would otherwise make every
+                // request's future larger, and most requests find an idle connection.
+                None => (Box::pin(self.open_http1()).await?, false),
+            };
+            match sender.try_send_request(request).await {
+                Ok(response) => return Ok((response, Some(Lease::new(sender, pool.clone())))),
+                Err(mut error) => match error.take_message() {
+                    Some(unsent) if reused => request = unsent,
+                    _ => return Err(SendError::Exchange(error.into_error())),
+                },
+            }
+        }
+    }
+
+    async fn send_http2(
+        &self,
+        shared: &tokio::sync::Mutex<Option<http2::SendRequest<RequestBody>>>,
+        mut request: Request<RequestBody>,
+    ) -> Result<(Response<Incoming>, Option<Lease>), SendError> {
+        let mut retried = false;
+        loop {
+            let (mut sender, reused) = {
+                let mut slot = shared.lock().await;
+                match slot.as_ref().filter(|sender| !sender.is_closed()) {
+                    Some(sender) => (sender.clone(), true),
+                    None => {
+                        let sender = self.open_http2().await?;
+                        *slot = Some(sender.clone());
+                        (sender, false)
+                    }
+                }
+            };
+            match sender.try_send_request(request).await {
+                Ok(response) => return Ok((response, None)),
+                Err(mut error) => match error.take_message() {
+                    Some(unsent) if reused && !retried => {
+                        // The connection is going away (GOAWAY); the next one takes it.
+                        retried = true;
+                        request = unsent;
+                        let mut slot = shared.lock().await;
+                        if slot
+                            .as_ref()
+                            .is_some_and(|s| s.is_closed() || !s.is_ready())
+                        {
+                            *slot = None;
+                        }
+                    }
+                    _ => return Err(SendError::Exchange(error.into_error())),
+                },
+            }
+        }
+    }
+
+    async fn open_http1(&self) -> Result<http1::SendRequest<RequestBody>, SendError> {
+        let io = self.open_stream().await?;
+        let (sender, connection) = http1::Builder::new()
+            .handshake(io)
+            .await
+            .map_err(SendError::Handshake)?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.with_upgrades().await {
+                tracing::debug!(%error, "Connection to the app ended with an error");
+            }
+        });
+        Ok(sender)
+    }
+
+    async fn open_http2(&self) -> Result<http2::SendRequest<RequestBody>, SendError> {
+        let io = self.open_stream().await?;
+        let (mut sender, connection) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .handshake(io)
+            .await
+            .map_err(SendError::Handshake)?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "HTTP/2 connection to the app ended with an error");
+            }
+        });
+        sender.ready().await.map_err(SendError::Handshake)?;
+        Ok(sender)
+    }
+
+    async fn open_stream(&self) -> Result<TokioIo<connect::Stream>, SendError> {
+        let timeout = self.inner.live.peek().args.connect_timeout;
+        connect::connect(&self.inner.upstream, timeout)
+            .await
+            .map(TokioIo::new)
+            .map_err(SendError::Connect)
+    }
+}
