@@ -23,8 +23,8 @@ use std::time::Duration;
 
 use http::{HeaderMap, Request, Response, Version};
 use http_body::{Body, Frame, SizeHint};
+use futures_util::task::AtomicWaker;
 use pin_project_lite::pin_project;
-use tokio::sync::Notify;
 use tokio::time::Instant;
 use tower::Service;
 
@@ -48,7 +48,10 @@ pub(super) struct Activity {
     /// Set while the driver ends hyper's connection to park it: shutting the IO down then
     /// leaves the socket open.
     parking: AtomicBool,
-    changed: Notify,
+    /// Set when a deadline may have moved, until the driver sees it; its one waiter is the
+    /// driver (an atomic flag and waker: cheaper than a `Notify` on every request).
+    changed: AtomicBool,
+    driver: AtomicWaker,
 }
 
 /// Why the driver should close a connection now.
@@ -104,7 +107,8 @@ impl Activity {
             head_since: AtomicU64::new(0),
             parkable: AtomicBool::new(false),
             parking: AtomicBool::new(false),
-            changed: Notify::new(),
+            changed: AtomicBool::new(false),
+            driver: AtomicWaker::new(),
         })
     }
 
@@ -132,7 +136,7 @@ impl Activity {
                 .compare_exchange(NONE, self.now_ms(), Ordering::AcqRel, Ordering::Acquire)
                 .is_ok()
         {
-            self.changed.notify_one();
+            self.notify_driver();
         }
     }
 
@@ -184,9 +188,22 @@ impl Activity {
         self.parking.load(Ordering::Acquire)
     }
 
-    /// Resolves when the connection goes idle or a new head starts arriving.
-    pub(super) async fn changed(&self) {
-        self.changed.notified().await;
+    /// Resolves when the connection goes idle or a new head starts arriving (at once if that
+    /// happened since the last time it resolved).
+    pub(super) fn changed(&self) -> impl Future<Output = ()> + '_ {
+        std::future::poll_fn(|cx| {
+            self.driver.register(cx.waker());
+            if self.changed.swap(false, Ordering::AcqRel) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+    }
+
+    fn notify_driver(&self) {
+        self.changed.store(true, Ordering::Release);
+        self.driver.wake();
     }
 }
 
@@ -200,7 +217,7 @@ impl Drop for InFlight {
                 .idle_since
                 .store(activity.now_ms(), Ordering::Release);
             activity.head_since.store(NONE, Ordering::Release);
-            activity.changed.notify_one();
+            activity.notify_driver();
         }
     }
 }

@@ -15,12 +15,14 @@ mod conn_io;
 mod detect;
 mod fds;
 mod refuse;
+mod sideline;
 
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::Poll;
 use std::time::Duration;
 
 use hyper::server::conn::{http1, http2};
@@ -32,6 +34,7 @@ use tokio_util::task::TaskTracker;
 
 use self::activity::{Activity, Expiry, Track};
 use self::conn_io::ConnIo;
+use self::sideline::Sideline;
 pub use self::conn_io::LINGER;
 pub use self::detect::Protocol;
 use self::detect::Rewind;
@@ -436,6 +439,18 @@ enum Ended {
 /// Runs `conn`, asking it to finish gracefully once the lifecycle reaches `drain_at` or the
 /// connection has been idle too long; a request head that is too slow closes it at once. An
 /// idle connection past `park_after` is ended without closing its socket ([`Ended::Parked`]).
+/// What woke [`drive`]'s loop.
+enum Event {
+    /// hyper's connection finished.
+    Ended(Result<(), hyper::Error>),
+    /// The drain started.
+    Drain,
+    /// The connection's deadline may have moved.
+    Changed,
+    /// The deadline passed.
+    Expired(Expiry),
+}
+
 async fn drive<C: Drainable>(
     mut conn: Pin<&mut C>,
     drain_at: Phase,
@@ -444,6 +459,10 @@ async fn drive<C: Drainable>(
 ) -> Result<Ended, hyper::Error> {
     let reached = lifecycle.reached(drain_at);
     tokio::pin!(reached);
+    // The drain, deadline changes and the deadline's timer are polled only when one of them
+    // was woken (or, for the last two, just created), not on each of hyper's wake-ups (see
+    // `sideline`).
+    let side = Sideline::new();
     let mut parking = false;
     loop {
         let park_after = if parking { None } else { watch.park_after };
@@ -460,16 +479,40 @@ async fn drive<C: Drainable>(
                 None => std::future::pending().await,
             }
         };
-        tokio::select! {
-            result = conn.as_mut() => {
+        let changed = watch.activity.changed();
+        tokio::pin!(expiry, changed);
+        let mut fresh = true;
+        let event = std::future::poll_fn(|cx| {
+            if let Poll::Ready(result) = conn.as_mut().poll(cx) {
+                return Poll::Ready(Event::Ended(result));
+            }
+            let due = side.due(cx);
+            let first = std::mem::take(&mut fresh);
+            if !due && !first {
+                return Poll::Pending;
+            }
+            let mut side_cx = side.context();
+            if due && reached.as_mut().poll(&mut side_cx).is_ready() {
+                return Poll::Ready(Event::Drain);
+            }
+            if changed.as_mut().poll(&mut side_cx).is_ready() {
+                return Poll::Ready(Event::Changed);
+            }
+            expiry.as_mut().poll(&mut side_cx).map(Event::Expired)
+        })
+        .await;
+        match event {
+            Event::Ended(result) => {
                 watch.activity.set_parking(false);
                 return result.map(|()| if parking { Ended::Parked } else { Ended::Closed });
             }
-            _ = &mut reached => break,
-            _ = watch.activity.changed() => continue,
-            expiry = expiry => {
+            Event::Drain => break,
+            Event::Changed => continue,
+            Event::Expired(expiry) => {
                 // The state may have changed since the deadline was computed.
-                if watch.activity.deadline(watch.idle_timeout, watch.header_timeout, park_after)
+                if watch
+                    .activity
+                    .deadline(watch.idle_timeout, watch.header_timeout, park_after)
                     .is_none_or(|(at, _)| at > Instant::now())
                 {
                     continue;
@@ -487,7 +530,11 @@ async fn drive<C: Drainable>(
                         continue;
                     }
                 };
-                watch.metrics.connections_timed_out.with_label_values(&[reason]).inc();
+                watch
+                    .metrics
+                    .connections_timed_out
+                    .with_label_values(&[reason])
+                    .inc();
                 if expiry == Expiry::Header {
                     // hyper has no request to answer yet: close the socket.
                     return Ok(Ended::Closed);
