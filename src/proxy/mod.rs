@@ -2,6 +2,7 @@
 //! [`upstream`](crate::upstream) client, and streams the answer back. Upgrades (WebSocket)
 //! become tunnels.
 
+mod deadline;
 pub mod headers;
 mod upgrade;
 
@@ -189,16 +190,12 @@ impl Shared {
         let upstream_request =
             self.upstream_request(request, client_ip.as_ref(), upgrade.is_some(), settings)?;
 
-        let send = self.client.send(upstream_request);
-        let result = match settings.timeout {
-            Some(limit) => match tokio::time::timeout(limit, send).await {
-                Ok(result) => result,
-                Err(_elapsed) => {
-                    self.count_error("timeout");
-                    return Err(Box::new(UpstreamTimeout));
-                }
-            },
-            None => send.await,
+        // Not bound to a local first: the exchange's future would keep room for it twice.
+        let Ok(result) =
+            deadline::within(settings.timeout, self.client.send(upstream_request)).await
+        else {
+            self.count_error("timeout");
+            return Err(Box::new(UpstreamTimeout));
         };
         let (mut response, lease) = match result {
             Ok(sent) => sent,

@@ -21,9 +21,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
+use futures_util::task::AtomicWaker;
 use http::{HeaderMap, Request, Response, Version};
 use http_body::{Body, Frame, SizeHint};
-use futures_util::task::AtomicWaker;
 use pin_project_lite::pin_project;
 use tokio::time::Instant;
 use tower::Service;

@@ -34,11 +34,11 @@ use tokio_util::task::TaskTracker;
 
 use self::activity::{Activity, Expiry, Track};
 use self::conn_io::ConnIo;
-use self::sideline::Sideline;
 pub use self::conn_io::LINGER;
 pub use self::detect::Protocol;
 use self::detect::Rewind;
 pub use self::fds::raise_limit as raise_fd_limit;
+use self::sideline::Sideline;
 use crate::config::{Config, LiveConfig};
 use crate::drain::{Lifecycle, Phase};
 use crate::metrics::Metrics;
@@ -504,7 +504,13 @@ async fn drive<C: Drainable>(
         match event {
             Event::Ended(result) => {
                 watch.activity.set_parking(false);
-                return result.map(|()| if parking { Ended::Parked } else { Ended::Closed });
+                return result.map(|()| {
+                    if parking {
+                        Ended::Parked
+                    } else {
+                        Ended::Closed
+                    }
+                });
             }
             Event::Drain => break,
             Event::Changed => continue,

@@ -97,5 +97,4 @@ mod tests {
         assert!(look(&side, notified.as_mut(), &mut polls));
         assert_eq!(polls, 2);
     }
-
 }

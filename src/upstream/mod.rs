@@ -96,7 +96,9 @@ impl Client {
     ) -> Result<(Response<Incoming>, Option<Lease>), SendError> {
         match &self.inner.protocol {
             Protocol::Http1(pool) => self.send_http1(pool, request).await,
-            Protocol::Http2(shared) => self.send_http2(shared, request).await,
+            // Boxed: its connect, handshake and lock states would otherwise make the future
+            // of every HTTP/1.1 request larger.
+            Protocol::Http2(shared) => Box::pin(self.send_http2(shared, request)).await,
         }
     }
 
