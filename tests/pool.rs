@@ -55,9 +55,7 @@ async fn streaming_app(release: Arc<Notify>) -> Upstream {
                     }
                 }
             });
-            let mut rx = rx;
-            let stream = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
-            Response::new(StreamBody::new(stream).boxed())
+            Response::new(StreamBody::new(channel_stream(rx)).boxed())
         }
     })
     .await

@@ -253,7 +253,7 @@ async fn request_body_streams_without_buffering() {
     .await;
     let tg = tidegate(app.addr, &[]).await;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, hyper::Error>>(1);
-    let body = BodyExt::boxed(StreamBody::new(tokio_stream_from(rx)));
+    let body = BodyExt::boxed(StreamBody::new(channel_stream(rx)));
     let req = Request::post(tg.url("/upload")).body(body).unwrap();
     let pending = tokio::spawn(async move { send(&client(), req).await });
     let chunk = Bytes::from(vec![7u8; CHUNK]);
@@ -299,7 +299,7 @@ async fn response_body_streams_without_buffering() {
                     }
                 }
             });
-            Response::new(BodyExt::boxed(StreamBody::new(tokio_stream_from(rx))))
+            Response::new(BodyExt::boxed(StreamBody::new(channel_stream(rx))))
         }
     })
     .await;
@@ -313,12 +313,6 @@ async fn response_body_streams_without_buffering() {
         }
     }
     assert_eq!(delivered.load(Ordering::SeqCst), CHUNKS * CHUNK as u64);
-}
-
-fn tokio_stream_from<T: Send + 'static>(
-    mut rx: tokio::sync::mpsc::Receiver<T>,
-) -> impl futures_util::Stream<Item = T> + Send {
-    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

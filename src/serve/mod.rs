@@ -436,9 +436,6 @@ enum Ended {
     Parked,
 }
 
-/// Runs `conn`, asking it to finish gracefully once the lifecycle reaches `drain_at` or the
-/// connection has been idle too long; a request head that is too slow closes it at once. An
-/// idle connection past `park_after` is ended without closing its socket ([`Ended::Parked`]).
 /// What woke [`drive`]'s loop.
 enum Event {
     /// hyper's connection finished.
@@ -451,6 +448,9 @@ enum Event {
     Expired(Expiry),
 }
 
+/// Runs `conn`, asking it to finish gracefully once the lifecycle reaches `drain_at` or the
+/// connection has been idle too long; a request head that is too slow closes it at once. An
+/// idle connection past `park_after` is ended without closing its socket ([`Ended::Parked`]).
 async fn drive<C: Drainable>(
     mut conn: Pin<&mut C>,
     drain_at: Phase,

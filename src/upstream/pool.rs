@@ -58,8 +58,8 @@ impl Pool {
     }
 
     /// The most recently used idle connection that is ready for a request, if any. Closed
-    /// connections met on the way are dropped; one whose connection task has not yet caught
-    /// up with the end of its last exchange is left for later.
+    /// connections met on the way are dropped; those whose connection task has not yet caught
+    /// up with the end of their last exchange are moved to the bottom, for later.
     pub(super) fn checkout(&self) -> Option<SendRequest<RequestBody>> {
         let mut idle = self.lock();
         for _ in 0..idle.len() {
@@ -86,7 +86,10 @@ impl Pool {
             idle.push_back(Idle { sender, since: now });
             expire(&mut idle, now, timeout);
         }
-        if !self.reaper_started.swap(true, Ordering::Relaxed) {
+        // Read first: once started, the flag is never written again on this per-request path.
+        if !self.reaper_started.load(Ordering::Relaxed)
+            && !self.reaper_started.swap(true, Ordering::Relaxed)
+        {
             tokio::spawn(reap(Arc::downgrade(self)));
         }
     }

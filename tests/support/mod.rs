@@ -34,6 +34,13 @@ pub fn full(text: impl Into<Bytes>) -> Body {
         .boxed()
 }
 
+/// The items `rx` receives, as a stream (for `StreamBody` bodies fed by a test).
+pub fn channel_stream<T: Send + 'static>(
+    mut rx: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures_util::Stream<Item = T> + Send {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
 /// An empty body.
 pub fn empty() -> Body {
     Empty::new().map_err(|never| match never {}).boxed()
