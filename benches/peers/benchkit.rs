@@ -9,6 +9,10 @@
 //!   JSON line.
 //! - `benchkit idle URL CONNECTIONS`: opens CONNECTIONS keep-alive connections, sends one
 //!   request on each, prints `ready`, and holds them until stdin closes.
+//! - `benchkit floor LISTEN UPSTREAM`: the least a proxy built on hyper does, as a reference
+//!   target: one thread, HTTP/1.1 only, one app connection per client connection, requests
+//!   forwarded as they are (no pool, no limits, no header rewriting, no metrics). What
+//!   tidegate costs above it is tidegate's; what it costs itself is hyper's and tokio's.
 //!
 //! Loopback only; every loop is bounded by its count or its duration.
 
@@ -44,9 +48,14 @@ fn main() {
             arg(1).parse().expect("URL"),
             arg(2).parse().expect("CONNECTIONS"),
         )),
+        "floor" => runtime.block_on(floor(
+            arg(1).parse().expect("LISTEN"),
+            arg(2).parse().expect("UPSTREAM"),
+        )),
         _ => {
             eprintln!(
-                "usage: benchkit upstream ADDR | load URL CONNS SECONDS RATE | idle URL CONNS"
+                "usage: benchkit upstream ADDR | load URL CONNS SECONDS RATE | idle URL CONNS \
+                 | floor LISTEN UPSTREAM"
             );
             std::process::exit(2);
         }
@@ -93,6 +102,43 @@ async fn answer(req: Request<Incoming>) -> Response<BoxBody> {
             rsp
         }
         _ => Response::new(Full::new(Bytes::from_static(b"ok")).boxed()),
+    }
+}
+
+// ===== the hyper floor =====
+
+async fn floor(listen: SocketAddr, upstream: SocketAddr) {
+    let listener = tokio::net::TcpListener::bind(listen).await.expect("bind");
+    println!("listening {}", listener.local_addr().expect("addr"));
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        tokio::spawn(async move {
+            let Ok(app) = tokio::net::TcpStream::connect(upstream).await else {
+                return;
+            };
+            let _ = app.set_nodelay(true);
+            let Ok((sender, conn)) =
+                hyper::client::conn::http1::handshake::<_, Incoming>(TokioIo::new(app)).await
+            else {
+                return;
+            };
+            tokio::spawn(conn);
+            let sender = std::sync::Arc::new(tokio::sync::Mutex::new(sender));
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let sender = sender.clone();
+                async move {
+                    let mut sender = sender.lock().await;
+                    sender.ready().await?;
+                    sender.send_request(req).await
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
     }
 }
 

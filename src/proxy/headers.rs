@@ -81,6 +81,9 @@ pub fn set_forwarded(
     client: Option<&HeaderValue>,
     authority: Option<&str>,
 ) {
+    // Up to four fields are added: grow the map once rather than field by field (a parsed
+    // request's map is sized to the fields it arrived with).
+    headers.reserve(4);
     if let Some(ip) = client {
         let prior = headers
             .get(&X_FORWARDED_FOR)
@@ -101,15 +104,14 @@ pub fn set_forwarded(
         }
     }
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
-    let host = headers
-        .get(header::HOST)
-        .cloned()
-        .or_else(|| authority.and_then(|a| HeaderValue::from_str(a).ok()));
+    let host = match headers.entry(header::HOST) {
+        header::Entry::Occupied(host) => Some(host.get().clone()),
+        // HTTP/2 clients send :authority instead of Host; HTTP/1.1 apps need Host.
+        header::Entry::Vacant(slot) => authority
+            .and_then(|a| HeaderValue::from_str(a).ok())
+            .map(|host| slot.insert(host).clone()),
+    };
     if let Some(host) = host {
-        if !headers.contains_key(header::HOST) {
-            // HTTP/2 clients send :authority instead of Host; HTTP/1.1 apps need Host.
-            headers.insert(header::HOST, host.clone());
-        }
         headers.insert(X_FORWARDED_HOST, host);
     }
 }
@@ -188,6 +190,20 @@ mod tests {
         set_forwarded(&mut h, Some(&client_ip("127.0.0.1".parse().unwrap())), None);
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
         assert_eq!(h["x-forwarded-host"], "example.com");
+        assert_eq!(h["x-forwarded-proto"], "http");
+    }
+
+    #[test]
+    fn host_kept_over_authority_and_absent_host_stays_absent() {
+        let mut h = map(&[("host", "a.example")]);
+        set_forwarded(&mut h, None, Some("b.example"));
+        assert_eq!(h["host"], "a.example");
+        assert_eq!(h["x-forwarded-host"], "a.example");
+        assert!(!h.contains_key("x-forwarded-for"));
+        let mut h = HeaderMap::new();
+        set_forwarded(&mut h, None, None);
+        assert!(!h.contains_key("host"));
+        assert!(!h.contains_key("x-forwarded-host"));
         assert_eq!(h["x-forwarded-proto"], "http");
     }
 
