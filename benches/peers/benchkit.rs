@@ -155,6 +155,19 @@ async fn connect(uri: &Uri) -> Option<hyper::client::conn::http1::SendRequest<Em
     Some(sender)
 }
 
+/// Waits until `due`, to within microseconds. tokio's timers have millisecond resolution and
+/// fire up to a millisecond late, which would add that much to every measured latency: sleep
+/// to a millisecond before, then yield until `due` (other connections and the IO driver run
+/// in between).
+async fn wait_until(due: Instant) {
+    if let Some(early) = due.checked_sub(Duration::from_millis(1)) {
+        tokio::time::sleep_until(early.into()).await;
+    }
+    while Instant::now() < due {
+        tokio::task::yield_now().await;
+    }
+}
+
 async fn load(uri: Uri, connections: usize, duration: Duration, rate: f64) {
     let per_connection = Duration::from_secs_f64(connections as f64 / rate);
     let start = Instant::now() + Duration::from_millis(100);
@@ -172,7 +185,7 @@ async fn load(uri: Uri, connections: usize, duration: Duration, rate: f64) {
             let offset = per_connection.mul_f64(c as f64 / connections as f64);
             let mut due = start + offset;
             while due < start + duration {
-                tokio::time::sleep_until(due.into()).await;
+                wait_until(due).await;
                 let req = Request::get(uri.clone())
                     .header("host", uri.authority().map_or("x", |a| a.as_str()))
                     .body(Empty::new())
