@@ -64,7 +64,13 @@ fn main() {
 
 // ===== upstream =====
 
-async fn upstream(addr: SocketAddr) {
+/// Listens on `addr` and serves each accepted connection (`TCP_NODELAY` set) in a task of its
+/// own with `serve`.
+async fn accept_each<F, Fut>(addr: SocketAddr, serve: F)
+where
+    F: Fn(tokio::net::TcpStream) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
     println!("listening {}", listener.local_addr().expect("addr"));
     loop {
@@ -72,15 +78,20 @@ async fn upstream(addr: SocketAddr) {
             continue;
         };
         let _ = stream.set_nodelay(true);
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(|req: Request<Incoming>| async move {
-                Ok::<_, Infallible>(answer(req).await)
-            });
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
+        tokio::spawn(serve(stream));
     }
+}
+
+async fn upstream(addr: SocketAddr) {
+    accept_each(addr, |stream| async move {
+        let service = hyper::service::service_fn(|req: Request<Incoming>| async move {
+            Ok::<_, Infallible>(answer(req).await)
+        });
+        let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+            .serve_connection(TokioIo::new(stream), service)
+            .await;
+    })
+    .await;
 }
 
 async fn answer(req: Request<Incoming>) -> Response<BoxBody> {
@@ -108,38 +119,31 @@ async fn answer(req: Request<Incoming>) -> Response<BoxBody> {
 // ===== the hyper floor =====
 
 async fn floor(listen: SocketAddr, upstream: SocketAddr) {
-    let listener = tokio::net::TcpListener::bind(listen).await.expect("bind");
-    println!("listening {}", listener.local_addr().expect("addr"));
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+    accept_each(listen, move |stream| async move {
+        let Ok(app) = tokio::net::TcpStream::connect(upstream).await else {
+            return;
         };
-        let _ = stream.set_nodelay(true);
-        tokio::spawn(async move {
-            let Ok(app) = tokio::net::TcpStream::connect(upstream).await else {
-                return;
-            };
-            let _ = app.set_nodelay(true);
-            let Ok((sender, conn)) =
-                hyper::client::conn::http1::handshake::<_, Incoming>(TokioIo::new(app)).await
-            else {
-                return;
-            };
-            tokio::spawn(conn);
-            let sender = std::sync::Arc::new(tokio::sync::Mutex::new(sender));
-            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let sender = sender.clone();
-                async move {
-                    let mut sender = sender.lock().await;
-                    sender.ready().await?;
-                    sender.send_request(req).await
-                }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+        let _ = app.set_nodelay(true);
+        let Ok((sender, conn)) =
+            hyper::client::conn::http1::handshake::<_, Incoming>(TokioIo::new(app)).await
+        else {
+            return;
+        };
+        tokio::spawn(conn);
+        let sender = std::sync::Arc::new(tokio::sync::Mutex::new(sender));
+        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let sender = sender.clone();
+            async move {
+                let mut sender = sender.lock().await;
+                sender.ready().await?;
+                sender.send_request(req).await
+            }
         });
-    }
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(stream), service)
+            .await;
+    })
+    .await;
 }
 
 // ===== open-loop load =====

