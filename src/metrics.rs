@@ -4,7 +4,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Instant;
 
 use http::{Request, Response};
@@ -134,6 +134,26 @@ pub struct Record<S> {
     inner: S,
     metrics: Arc<Metrics>,
     live: LiveConfig,
+}
+
+pin_project_lite::pin_project! {
+    /// Future returned by [`Record`]: the inner future, then the response counted and timed.
+    pub struct RecordFuture<F> {
+        #[pin]
+        inner: F,
+        start: Instant,
+        metrics: Arc<Metrics>,
+        // Boxed: the access log is off on the hot path, and the future stays small.
+        log: Option<Box<AccessLine>>,
+    }
+}
+
+/// What the access log says of a request, taken before the request moves on.
+#[derive(Debug)]
+struct AccessLine {
+    method: http::Method,
+    path: String,
+    version: http::Version,
 }
 
 /// Error building the registry (a duplicate or malformed metric: a programming error).
@@ -601,13 +621,11 @@ impl<S> Layer<S> for RecordLayer {
 
 impl<S, B, RB> Service<Request<B>> for Record<S>
 where
-    S: Service<Request<B>, Response = Response<RB>> + Send + 'static,
-    S::Future: Send + 'static,
-    B: Send + 'static,
+    S: Service<Request<B>, Response = Response<RB>>,
 {
     type Response = Response<RB>;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<RB>, S::Error>> + Send>>;
+    type Future = RecordFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
@@ -615,35 +633,50 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let start = Instant::now();
-        let metrics = self.metrics.clone();
         let log = self.live.peek().args.access_log.then(|| {
-            (
-                req.method().clone(),
-                req.uri().path().to_owned(),
-                req.version(),
-            )
+            Box::new(AccessLine {
+                method: req.method().clone(),
+                path: req.uri().path().to_owned(),
+                version: req.version(),
+            })
         });
-        let fut = self.inner.call(req);
-        Box::pin(async move {
-            let result = fut.await;
-            if let Ok(rsp) = &result {
-                let elapsed = start.elapsed();
-                let status = rsp.status();
-                metrics.count_response(status);
-                metrics.request_duration.observe(elapsed.as_secs_f64());
-                if let Some((method, path, version)) = log {
-                    tracing::info!(
-                        target: "tidegate::access",
-                        method = %method,
-                        path = %path,
-                        version = ?version,
-                        status = status.as_u16(),
-                        duration_ms = elapsed.as_secs_f64() * 1000.0,
-                        "Request"
-                    );
-                }
+        RecordFuture {
+            inner: self.inner.call(req),
+            start,
+            metrics: self.metrics.clone(),
+            log,
+        }
+    }
+}
+
+// === impl RecordFuture ===
+
+impl<F, RB, E> Future for RecordFuture<F>
+where
+    F: Future<Output = Result<Response<RB>, E>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        let result = ready!(this.inner.poll(cx));
+        if let Ok(rsp) = &result {
+            let elapsed = this.start.elapsed();
+            let status = rsp.status();
+            this.metrics.count_response(status);
+            this.metrics.request_duration.observe(elapsed.as_secs_f64());
+            if let Some(line) = this.log.take() {
+                tracing::info!(
+                    target: "tidegate::access",
+                    method = %line.method,
+                    path = %line.path,
+                    version = ?line.version,
+                    status = status.as_u16(),
+                    duration_ms = elapsed.as_secs_f64() * 1000.0,
+                    "Request"
+                );
             }
-            result
-        })
+        }
+        Poll::Ready(result)
     }
 }

@@ -15,7 +15,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use http::header::{self, HeaderName, HeaderValue};
@@ -57,9 +57,15 @@ pub struct Rescue<S> {
     live: LiveConfig,
 }
 
-/// Future returned by [`Rescue`].
-pub type ResponseFuture =
-    Pin<Box<dyn Future<Output = Result<Response<ResponseBody>, Infallible>> + Send>>;
+pin_project_lite::pin_project! {
+    /// Future returned by [`Rescue`]: the inner future, its error turned into a response.
+    pub struct ResponseFuture<F> {
+        #[pin]
+        inner: F,
+        http1: bool,
+        live: LiveConfig,
+    }
+}
 
 // === impl RetryAfter ===
 
@@ -101,11 +107,10 @@ impl<S> Layer<S> for RescueLayer {
 impl<S, B> Service<Request<B>> for Rescue<S>
 where
     S: Service<Request<B>, Response = Response<ResponseBody>, Error = BoxError>,
-    S::Future: Send + 'static,
 {
     type Response = Response<ResponseBody>;
     type Error = Infallible;
-    type Future = ResponseFuture;
+    type Future = ResponseFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         match self.inner.poll_ready(cx) {
@@ -116,31 +121,43 @@ where
         }
     }
 
-    fn call(&mut self, request: Request<B>) -> ResponseFuture {
-        let http1 = request.version() <= Version::HTTP_11;
-        let fut = self.inner.call(request);
-        let live = self.live.clone();
-        Box::pin(async move {
-            Ok(match fut.await {
-                Ok(response) => response,
-                Err(error) => {
-                    let config = live.load();
-                    let retry_after = RetryAfter {
-                        base: config.args.retry_after,
-                        jitter: config.args.retry_after_jitter,
-                    };
-                    let mut response = to_response(&*error, retry_after);
-                    // A client that broke the protocol or a limit does not get to send more on
-                    // this connection (its framing may be off).
-                    if http1 && is_caused_by::<Rejected>(&*error) {
-                        response
-                            .headers_mut()
-                            .insert(header::CONNECTION, HeaderValue::from_static("close"));
-                    }
-                    response
-                }
-            })
-        })
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        ResponseFuture {
+            http1: request.version() <= Version::HTTP_11,
+            inner: self.inner.call(request),
+            live: self.live.clone(),
+        }
+    }
+}
+
+// === impl ResponseFuture ===
+
+impl<F> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<Response<ResponseBody>, BoxError>>,
+{
+    type Output = Result<Response<ResponseBody>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let error = match ready!(this.inner.poll(cx)) {
+            Ok(response) => return Poll::Ready(Ok(response)),
+            Err(error) => error,
+        };
+        let config = this.live.load();
+        let retry_after = RetryAfter {
+            base: config.args.retry_after,
+            jitter: config.args.retry_after_jitter,
+        };
+        let mut response = to_response(&*error, retry_after);
+        // A client that broke the protocol or a limit does not get to send more on this
+        // connection (its framing may be off).
+        if *this.http1 && is_caused_by::<Rejected>(&*error) {
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        Poll::Ready(Ok(response))
     }
 }
 

@@ -1,16 +1,18 @@
-//! The tower layer in front of the proxy: admission happens in `call`, not `poll_ready`,
-//! because hyper drives every request with its own clone of the stack.
+//! The tower layer in front of the proxy. Admission happens in `call`, not `poll_ready`: it
+//! depends on the request (its route and class), and a wait in the queue must belong to the
+//! request, bounded and cancelled with it. A request admitted at once costs no allocation;
+//! only one that must queue gets a boxed wait.
 
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 
 use http::Request;
-use tower::{Layer, Service, ServiceExt};
+use tower::{Layer, Service};
 
 use super::{Admission, Limiter, RouteRef};
-use crate::error::{BoxError, Rejected};
+use crate::error::{BoxError, Overloaded, Rejected};
 
 /// A request that holds an [`Admission`]; the inner service must keep the admission alive
 /// until its exchange with the app is over.
@@ -38,8 +40,34 @@ pub struct Limit<S> {
     client: Option<IpAddr>,
 }
 
-/// Future returned by [`Limit`].
-pub type ResponseFuture<T> = Pin<Box<dyn Future<Output = Result<T, BoxError>> + Send>>;
+/// A queued request's wait for its slot.
+type Wait = Pin<Box<dyn Future<Output = Result<Admission, Overloaded>> + Send>>;
+
+pin_project_lite::pin_project! {
+    /// Future returned by [`Limit`].
+    pub struct ResponseFuture<S, B>
+    where
+        S: Service<Admitted<Request<B>>>,
+    {
+        #[pin]
+        state: State<S, B>,
+    }
+}
+
+pin_project_lite::pin_project! {
+    #[project = StateProj]
+    enum State<S, B>
+    where
+        S: Service<Admitted<Request<B>>>,
+    {
+        // In the queue, with the request and the inner service (ready) to call once admitted.
+        Queued { wait: Wait, request: Option<Request<B>>, inner: S },
+        // Admitted: the inner service's exchange.
+        Admitted { #[pin] future: S::Future },
+        // Refused before admission.
+        Refused { error: Option<BoxError> },
+    }
+}
 
 // === impl LimitLayer ===
 
@@ -77,47 +105,102 @@ impl<S> Layer<S> for LimitLayer {
 
 impl<S, B> Service<Request<B>> for Limit<S>
 where
-    S: Service<Admitted<Request<B>>> + Clone + Send + 'static,
+    S: Service<Admitted<Request<B>>> + Clone,
     S::Error: Into<BoxError>,
-    S::Future: Send + 'static,
-    B: Send + 'static,
 {
     type Response = S::Response;
     type Error = BoxError;
-    type Future = ResponseFuture<S::Response>;
+    type Future = ResponseFuture<S, B>;
 
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        // Always ready: waiting happens per request in `call`, where it is bounded and
-        // cancellable. The inner service is driven to readiness after admission.
-        Poll::Ready(Ok(()))
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        // Ready when the inner service is: waiting for a slot happens per request in `call`.
+        self.inner.poll_ready(cx).map_err(Into::into)
     }
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
-        let mut inner = self.inner.clone();
-        let limiter = self.limiter.clone();
-        let client = self.client;
-        Box::pin(async move {
-            // The coalescing layer in front may have looked the route up already.
-            let route = match request.extensions_mut().remove::<RouteRef>() {
-                Some(route) => route,
-                None => limiter.route(request.method(), request.uri().path()),
-            };
-            // A body declared too large is refused before it takes a slot or a queue place.
-            if let Some(limit) = route.max_request_body()
-                && declared_length(&request).is_some_and(|len| len > limit)
-            {
-                return Err(limiter.reject(Rejected::BodyTooLarge { limit }).into());
+        let limiter = &self.limiter;
+        // The coalescing layer in front may have looked the route up already.
+        let route = match request.extensions_mut().remove::<RouteRef>() {
+            Some(route) => route,
+            None => limiter.route(request.method(), request.uri().path()),
+        };
+        // A body declared too large is refused before it takes a slot or a queue place.
+        if let Some(limit) = route.max_request_body()
+            && declared_length(&request).is_some_and(|len| len > limit)
+        {
+            let error = limiter.reject(Rejected::BodyTooLarge { limit });
+            return ResponseFuture::new(State::Refused {
+                error: Some(error.into()),
+            });
+        }
+        let class = limiter.classify(request.headers(), &route, self.client);
+        match limiter.try_admit(route, class) {
+            Ok(admission) => ResponseFuture::new(State::Admitted {
+                future: self.inner.call(Admitted { request, admission }),
+            }),
+            Err(route) => {
+                let limiter = limiter.clone();
+                // The ready service goes with the request; this layer keeps a fresh clone,
+                // which is made ready on the next `poll_ready`.
+                let fresh = self.inner.clone();
+                ResponseFuture::new(State::Queued {
+                    wait: Box::pin(async move { limiter.queue(route, class).await }),
+                    request: Some(request),
+                    inner: std::mem::replace(&mut self.inner, fresh),
+                })
             }
-            let class = limiter.classify(request.headers(), &route, client);
-            let admission = limiter.admit(route, class).await?;
-            inner
-                .ready()
-                .await
-                .map_err(Into::into)?
-                .call(Admitted { request, admission })
-                .await
-                .map_err(Into::into)
-        })
+        }
+    }
+}
+
+// === impl ResponseFuture ===
+
+impl<S, B> ResponseFuture<S, B>
+where
+    S: Service<Admitted<Request<B>>>,
+{
+    fn new(state: State<S, B>) -> Self {
+        ResponseFuture { state }
+    }
+}
+
+impl<S, B> Future for ResponseFuture<S, B>
+where
+    S: Service<Admitted<Request<B>>>,
+    S::Error: Into<BoxError>,
+{
+    type Output = Result<S::Response, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut state = self.project().state;
+        loop {
+            match state.as_mut().project() {
+                StateProj::Queued {
+                    wait,
+                    request,
+                    inner,
+                } => {
+                    let admission = ready!(wait.as_mut().poll(cx))?;
+                    // Taken only here, just before the state moves on.
+                    let Some(request) = request.take() else {
+                        return Poll::Pending;
+                    };
+                    let future = inner.call(Admitted { request, admission });
+                    state.set(State::Admitted { future });
+                }
+                StateProj::Admitted { future } => {
+                    return future.poll(cx).map_err(Into::into);
+                }
+                StateProj::Refused { error } => {
+                    // `None` only if polled after completion, a contract violation by the
+                    // caller: never resolve.
+                    return match error.take() {
+                        Some(error) => Poll::Ready(Err(error)),
+                        None => Poll::Pending,
+                    };
+                }
+            }
+        }
     }
 }
 
@@ -165,18 +248,21 @@ mod tests {
         (LimitLayer::new(limiter).layer(service), handle, metrics)
     }
 
-    fn req() -> Request<()> {
-        Request::get("/").body(()).unwrap()
+    /// A call on `svc` as tower's contract has it: after `poll_ready` says ready.
+    fn call(svc: &mut Limit<Mock>) -> ResponseFuture<Mock, ()> {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        assert!(matches!(svc.poll_ready(&mut cx), Poll::Ready(Ok(()))));
+        svc.call(Request::get("/").body(()).unwrap())
     }
 
     #[tokio::test(start_paused = true)]
     async fn sheds_when_full_and_recovers_when_a_slot_frees() {
         let (mut svc, mut handle, metrics) = setup(1, 0);
-        let mut first = tokio_test::task::spawn(svc.call(req()));
+        let mut first = tokio_test::task::spawn(call(&mut svc));
         assert_pending!(first.poll());
         let (admitted, respond) = handle.next_request().await.unwrap();
 
-        let err = svc.call(req()).await.unwrap_err();
+        let err = call(&mut svc).await.unwrap_err();
         let shed = find_cause::<Overloaded>(&*err).unwrap();
         assert_eq!(shed.reason, ShedReason::QueueFull);
 
@@ -190,7 +276,7 @@ mod tests {
         drop(admitted);
         assert_eq!(metrics.in_flight.get(), 0);
 
-        let mut second = tokio_test::task::spawn(svc.call(req()));
+        let mut second = tokio_test::task::spawn(call(&mut svc));
         assert_pending!(second.poll());
         let (_admitted, respond) = handle.next_request().await.unwrap();
         respond.send_response("again");
@@ -200,7 +286,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn inner_errors_propagate_and_free_the_slot() {
         let (mut svc, mut handle, metrics) = setup(1, 0);
-        let call = tokio::spawn(svc.call(req()));
+        let call = tokio::spawn(call(&mut svc));
         let (admitted, respond) = handle.next_request().await.unwrap();
         drop(admitted);
         respond.send_error(std::io::Error::other("boom"));
@@ -212,9 +298,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn queued_request_is_admitted_when_a_slot_frees() {
         let (mut svc, mut handle, metrics) = setup(1, 1);
-        let _first = tokio::spawn(svc.call(req()));
+        let _first = tokio::spawn(call(&mut svc));
         let (held, _respond1) = handle.next_request().await.unwrap();
-        let second = tokio::spawn(svc.call(req()));
+        let second = tokio::spawn(call(&mut svc));
         tokio::task::yield_now().await;
         assert_eq!(metrics.queued.get(), 1);
         drop(held);

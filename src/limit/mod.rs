@@ -350,6 +350,46 @@ impl Limiter {
         route: RouteRef,
         class: RequestClass,
     ) -> Result<Admission, Overloaded> {
+        match self.try_admit(route, class) {
+            Ok(admission) => Ok(admission),
+            Err(route) => self.queue(route, class).await,
+        }
+    }
+
+    /// Admits a request on `route` of `class` at once if a slot (and its route's permit) is
+    /// free and tidegate is not draining. Otherwise gives `route` back untouched, and
+    /// [`Limiter::queue`] decides: a place in the queue or a refusal. Together they are
+    /// [`Limiter::admit`]; apart, the common case needs no future.
+    pub fn try_admit(&self, route: RouteRef, class: RequestClass) -> Result<Admission, RouteRef> {
+        let shared = &self.shared;
+        if shared.draining.load(Ordering::Relaxed) {
+            return Err(route);
+        }
+        let route_permit = match &route.route {
+            Some(r) => match r.slots.gate.semaphore().clone().try_acquire_owned() {
+                Ok(permit) => Some(permit),
+                Err(_) => return Err(route),
+            },
+            None => None,
+        };
+        if !shared.global.try_acquire(class.priority) {
+            return Err(route);
+        }
+        let RouteRef {
+            route,
+            max_request_body,
+        } = route;
+        Ok(shared.admit(route, route_permit, max_request_body))
+    }
+
+    /// The rest of [`Limiter::admit`] after [`Limiter::try_admit`] gave `route` back: tries
+    /// once more, then takes a queue place and waits for a slot, or refuses at once.
+    /// Cancel-safe, like [`Limiter::acquire`].
+    pub async fn queue(
+        &self,
+        route: RouteRef,
+        class: RequestClass,
+    ) -> Result<Admission, Overloaded> {
         let shared = &self.shared;
         let RouteRef {
             route,
@@ -375,7 +415,7 @@ impl Limiter {
             return Err(refuse(ShedReason::Draining));
         }
 
-        // Fast path: both free, no queueing.
+        // Both may have freed since `try_admit` looked.
         let mut route_permit = match &route {
             Some(r) => r.slots.gate.semaphore().clone().try_acquire_owned().ok(),
             None => None,
@@ -829,6 +869,26 @@ mod tests {
         let err = queued.await.unwrap().unwrap_err();
         assert_eq!(err.reason, ShedReason::Draining);
         assert_eq!(metrics.queued.get(), 0);
+    }
+
+    #[test]
+    fn try_admit_takes_only_free_slots_and_never_while_draining() {
+        let (limiter, metrics) = limiter(2, 1, &["/r=1"]);
+        let class = RequestClass::default();
+        let route = |path| limiter.route(&Method::GET, path);
+        let on_r = limiter.try_admit(route("/r"), class).unwrap();
+        // The route's one permit is taken: the route comes back whole, nothing is held.
+        let back = limiter.try_admit(route("/r"), class).unwrap_err();
+        assert!(back.route.is_some());
+        assert_eq!(metrics.in_flight.get(), 1);
+        let other = limiter.try_admit(route("/"), class).unwrap();
+        // Both global slots are taken.
+        assert!(limiter.try_admit(route("/"), class).is_err());
+        assert_eq!(metrics.in_flight.get(), 2);
+        drop((on_r, other));
+        limiter.start_draining();
+        assert!(limiter.try_admit(route("/"), class).is_err());
+        assert_eq!((metrics.in_flight.get(), limiter.queued()), (0, 0));
     }
 
     #[tokio::test(start_paused = true)]

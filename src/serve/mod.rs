@@ -1,7 +1,7 @@
 //! The proxy lane's accept loop and per-connection tasks, drain-aware.
 //!
 //! Each accepted connection gets its own task: the protocol is detected from its first bytes
-//! (HTTP/1.x or h2c), then hyper serves it with a clone of the proxy stack. When shutdown
+//! (HTTP/1.x or h2c), then hyper serves it with the connection's own proxy stack. When shutdown
 //! starts, HTTP/2 connections get GOAWAY at once; HTTP/1.x connections are told to close when
 //! the drain starts (until then their responses carry `Connection: close`).
 //!
@@ -14,6 +14,7 @@ mod activity;
 mod conn_io;
 mod detect;
 mod fds;
+mod hyper_service;
 mod refuse;
 mod sideline;
 
@@ -27,7 +28,6 @@ use std::time::Duration;
 
 use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
@@ -38,6 +38,7 @@ pub use self::conn_io::LINGER;
 pub use self::detect::Protocol;
 use self::detect::Rewind;
 pub use self::fds::raise_limit as raise_fd_limit;
+use self::hyper_service::HyperService;
 use self::sideline::Sideline;
 use crate::config::{Config, LiveConfig};
 use crate::drain::{Lifecycle, Phase};
@@ -197,8 +198,7 @@ async fn serve_connection(
         }
     };
     let activity = Activity::new(accepted);
-    let service =
-        TowerToHyperService::new(Track::new(cx.stack.service(client_addr), activity.clone()));
+    let service = HyperService::new(Track::new(cx.stack.service(client_addr), activity.clone()));
     let io = TokioIo::new(ConnIo::new(io, activity.clone()));
     let watch = Watch {
         activity: &activity,
