@@ -16,8 +16,11 @@ use std::time::Duration;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
 use tokio_util::task::TaskTracker;
 use tower::Service;
+
+use self::deadline::{Elapsed, Within};
 
 use crate::body::{ExchangeGuard, RequestBody, ResponseBody, UpstreamBody};
 use crate::config::{ClientAbort, LiveConfig, Upstream};
@@ -28,7 +31,7 @@ use crate::error::{
 use crate::health::Progress;
 use crate::limit::Admitted;
 use crate::metrics::Metrics;
-use crate::upstream::{Client, SendError};
+use crate::upstream::{Client, Lease, SendError};
 
 /// Forwards admitted requests to the app. Cloned per connection with the client's address.
 #[derive(Clone, Debug)]
@@ -38,15 +41,33 @@ pub struct Proxy {
     client_ip: Option<HeaderValue>,
 }
 
-/// The exchange with the app for one request.
-type Exchange = Pin<Box<dyn Future<Output = Result<Response<ResponseBody>, BoxError>> + Send>>;
+/// The exchange with the app for one request, boxed so that it can move to a task of its own.
+type BoxedExchange = Pin<Box<dyn Future<Output = Result<Response<ResponseBody>, BoxError>> + Send>>;
+
+pin_project_lite::pin_project! {
+    /// The exchange with the app: the send (under `--upstream-timeout`, if set), then the app's
+    /// response turned into the client's. Written out rather than an `async fn`, which would
+    /// keep room for the request beside the send's own copy of it.
+    struct Exchange<F> {
+        #[pin]
+        send: Within<F>,
+        shared: Arc<Shared>,
+        upgrade: Option<OnUpgrade>,
+        // Taken when the response is ready.
+        guard: Option<ExchangeGuard>,
+        via: bool,
+    }
+}
+
+/// What the send gives: the app's response head and the connection's lease, or why not.
+type Sent = Result<(Response<Incoming>, Option<Lease>), SendError>;
 
 /// Future returned by [`Proxy`]: the exchange, polled in the connection's task. With
 /// `--on-client-abort finish`, dropping it before it is done (the client went away) moves the
 /// rest of the exchange to a task of its own, so the app's work is not cut off and the slot
 /// stays held until it ends; with `cancel`, dropping it ends the exchange.
 pub struct ResponseFuture {
-    exchange: Option<Exchange>,
+    exchange: Option<BoxedExchange>,
     finish_on_drop: bool,
 }
 
@@ -119,7 +140,10 @@ impl Service<Admitted<Request<Incoming>>> for Proxy {
     }
 
     fn call(&mut self, admitted: Admitted<Request<Incoming>>) -> ResponseFuture {
-        let Admitted { request, admission } = admitted;
+        let Admitted {
+            mut request,
+            admission,
+        } = admitted;
         let config = self.shared.live.peek();
         let settings = Settings {
             timeout: admission.route_timeout().or(config.args.upstream_timeout),
@@ -128,12 +152,29 @@ impl Service<Admitted<Request<Incoming>>> for Proxy {
         };
         let on_abort = config.args.on_client_abort;
         let guard = ExchangeGuard::new(admission, self.shared.progress.clone(), on_abort);
-        let exchange =
-            self.shared
-                .clone()
-                .exchange(request, self.client_ip.clone(), guard, settings);
+        // The request is rewritten here rather than in the exchange: an `async fn` keeps room
+        // for its arguments for as long as it lives, and the client's request is not needed
+        // once the app's is built.
+        let upgrade =
+            headers::wants_upgrade(request.headers()).then(|| hyper::upgrade::on(&mut request));
+        let upstream_request = self.shared.upstream_request(
+            request,
+            self.client_ip.as_ref(),
+            upgrade.is_some(),
+            settings,
+        );
+        let exchange: BoxedExchange = match upstream_request {
+            Ok(upstream_request) => Box::pin(Exchange {
+                send: deadline::within(settings.timeout, self.shared.client.send(upstream_request)),
+                shared: self.shared.clone(),
+                upgrade,
+                guard: Some(guard),
+                via: settings.via,
+            }),
+            Err(error) => Box::pin(std::future::ready(Err(error))),
+        };
         ResponseFuture {
-            exchange: Some(Box::pin(exchange)),
+            exchange: Some(exchange),
             finish_on_drop: on_abort == ClientAbort::Finish,
         }
     }
@@ -175,25 +216,38 @@ impl Drop for ResponseFuture {
     }
 }
 
+// === impl Exchange ===
+
+impl<F: Future<Output = Sent>> Future for Exchange<F> {
+    type Output = Result<Response<ResponseBody>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let sent = std::task::ready!(this.send.poll(cx));
+        let Some(guard) = this.guard.take() else {
+            // Polled after completion: a contract violation by the caller; never resolve.
+            return Poll::Pending;
+        };
+        Poll::Ready(
+            this.shared
+                .answer(sent, this.upgrade.take(), guard, *this.via),
+        )
+    }
+}
+
 // === impl Shared ===
 
 impl Shared {
-    async fn exchange(
-        self: Arc<Self>,
-        mut request: Request<Incoming>,
-        client_ip: Option<HeaderValue>,
+    /// The client's response, from what the send gave (or `Elapsed` at the deadline).
+    /// `upgrade` is the client's side of a requested protocol upgrade; `via` adds `Via`.
+    fn answer(
+        &self,
+        sent: Result<Sent, Elapsed>,
+        upgrade: Option<OnUpgrade>,
         mut guard: ExchangeGuard,
-        settings: Settings,
+        via: bool,
     ) -> Result<Response<ResponseBody>, BoxError> {
-        let upgrade =
-            headers::wants_upgrade(request.headers()).then(|| hyper::upgrade::on(&mut request));
-        let upstream_request =
-            self.upstream_request(request, client_ip.as_ref(), upgrade.is_some(), settings)?;
-
-        // Not bound to a local first: the exchange's future would keep room for it twice.
-        let Ok(result) =
-            deadline::within(settings.timeout, self.client.send(upstream_request)).await
-        else {
+        let Ok(result) = sent else {
             self.count_error("timeout");
             return Err(Box::new(UpstreamTimeout));
         };
@@ -230,7 +284,7 @@ impl Shared {
 
         let (mut parts, body) = response.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers, false);
-        if settings.via {
+        if via {
             headers::add_via(&mut parts.headers);
         }
         Ok(Response::from_parts(

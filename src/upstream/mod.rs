@@ -8,8 +8,10 @@
 pub mod connect;
 mod pool;
 
+use std::future::Future;
 use std::sync::Arc;
 
+use futures_util::future::Either;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
@@ -55,7 +57,7 @@ struct Inner {
 enum Protocol {
     Http1(Arc<Pool>),
     /// The shared connection; the lock is held while it is (re)opened, so a burst opens one.
-    Http2(tokio::sync::Mutex<Option<http2::SendRequest<RequestBody>>>),
+    Http2(Arc<tokio::sync::Mutex<Option<http2::SendRequest<RequestBody>>>>),
 }
 
 // === impl Client ===
@@ -66,7 +68,7 @@ impl Client {
     pub fn new(live: LiveConfig) -> Client {
         let config = live.load();
         let protocol = if config.args.upstream_http2 {
-            Protocol::Http2(tokio::sync::Mutex::new(None))
+            Protocol::Http2(Arc::new(tokio::sync::Mutex::new(None)))
         } else {
             Protocol::Http1(Arc::new(Pool::new(live.clone())))
         };
@@ -90,21 +92,27 @@ impl Client {
     ///
     /// A request that a reused connection turns down unsent (the app closed it while idle) is
     /// sent again on another connection; one that was handed to a fresh connection is not.
-    pub async fn send(
+    ///
+    /// The future owns what it needs (it can outlive `self`), and holds `request` once: not
+    /// an `async fn`, which would keep a copy of `request` beside the protocol's own.
+    pub fn send(
         &self,
         request: Request<RequestBody>,
-    ) -> Result<(Response<Incoming>, Option<Lease>), SendError> {
+    ) -> impl Future<Output = Result<(Response<Incoming>, Option<Lease>), SendError>> + Send + 'static
+    {
         match &self.inner.protocol {
-            Protocol::Http1(pool) => self.send_http1(pool, request).await,
+            Protocol::Http1(pool) => Either::Left(self.clone().send_http1(pool.clone(), request)),
             // Boxed: its connect, handshake and lock states would otherwise make the future
             // of every HTTP/1.1 request larger.
-            Protocol::Http2(shared) => Box::pin(self.send_http2(shared, request)).await,
+            Protocol::Http2(shared) => {
+                Either::Right(Box::pin(self.clone().send_http2(shared.clone(), request)))
+            }
         }
     }
 
     async fn send_http1(
-        &self,
-        pool: &Arc<Pool>,
+        self,
+        pool: Arc<Pool>,
         mut request: Request<RequestBody>,
     ) -> Result<(Response<Incoming>, Option<Lease>), SendError> {
         loop {
@@ -115,7 +123,7 @@ impl Client {
                 None => (Box::pin(self.open_http1()).await?, false),
             };
             match sender.try_send_request(request).await {
-                Ok(response) => return Ok((response, Some(Lease::new(sender, pool.clone())))),
+                Ok(response) => return Ok((response, Some(Lease::new(sender, pool)))),
                 Err(mut error) => match error.take_message() {
                     Some(unsent) if reused => request = unsent,
                     _ => return Err(SendError::Exchange(error.into_error())),
@@ -125,8 +133,8 @@ impl Client {
     }
 
     async fn send_http2(
-        &self,
-        shared: &tokio::sync::Mutex<Option<http2::SendRequest<RequestBody>>>,
+        self,
+        shared: Arc<tokio::sync::Mutex<Option<http2::SendRequest<RequestBody>>>>,
         mut request: Request<RequestBody>,
     ) -> Result<(Response<Incoming>, Option<Lease>), SendError> {
         let mut retried = false;
