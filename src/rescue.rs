@@ -230,6 +230,8 @@ fn local(status: StatusCode, body: impl Into<bytes::Bytes>) -> Response<Response
     let len = body.len();
     let mut rsp = Response::new(ResponseBody::Local(Some(body)));
     *rsp.status_mut() = status;
+    // Room for every field a local response gets, so that the map is allocated once.
+    *rsp.headers_mut() = http::HeaderMap::with_capacity(6);
     let h = rsp.headers_mut();
     h.insert(
         header::CONTENT_TYPE,

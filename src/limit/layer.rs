@@ -1,7 +1,7 @@
 //! The tower layer in front of the proxy. Admission happens in `call`, not `poll_ready`: it
 //! depends on the request (its route and class), and a wait in the queue must belong to the
-//! request, bounded and cancelled with it. A request admitted at once costs no allocation;
-//! only one that must queue gets a boxed wait.
+//! request, bounded and cancelled with it. Admission and refusal are decided in `call` and
+//! cost no allocation; only a request that must queue gets a boxed wait.
 
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
@@ -11,7 +11,7 @@ use std::task::{Context, Poll, ready};
 use http::Request;
 use tower::{Layer, Service};
 
-use super::{Admission, Limiter, RouteRef};
+use super::{Admission, Entry, Limiter, RouteRef};
 use crate::error::{BoxError, Overloaded, Rejected};
 
 /// A request that holds an [`Admission`]; the inner service must keep the admission alive
@@ -138,17 +138,24 @@ where
             Ok(admission) => ResponseFuture::new(State::Admitted {
                 future: self.inner.call(Admitted { request, admission }),
             }),
-            Err(route) => {
-                let limiter = limiter.clone();
-                // The ready service goes with the request; this layer keeps a fresh clone,
-                // which is made ready on the next `poll_ready`.
-                let fresh = self.inner.clone();
-                ResponseFuture::new(State::Queued {
-                    wait: Box::pin(async move { limiter.queue(route, class).await }),
-                    request: Some(request),
-                    inner: std::mem::replace(&mut self.inner, fresh),
-                })
-            }
+            Err(route) => match limiter.enter(route, class) {
+                Ok(Entry::Admitted(admission)) => ResponseFuture::new(State::Admitted {
+                    future: self.inner.call(Admitted { request, admission }),
+                }),
+                Ok(Entry::Queued(queued)) => {
+                    // The ready service goes with the request; this layer keeps a fresh
+                    // clone, which is made ready on the next `poll_ready`.
+                    let fresh = self.inner.clone();
+                    ResponseFuture::new(State::Queued {
+                        wait: Box::pin(queued.wait()),
+                        request: Some(request),
+                        inner: std::mem::replace(&mut self.inner, fresh),
+                    })
+                }
+                Err(overloaded) => ResponseFuture::new(State::Refused {
+                    error: Some(overloaded.into()),
+                }),
+            },
         }
     }
 }

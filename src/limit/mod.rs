@@ -164,13 +164,37 @@ enum Sample {
 }
 
 /// A place in the shared queue; frees it and updates the gauges when dropped.
-struct QueuePlace<'a> {
-    shared: &'a Shared,
-    counters: &'a RouteCounters,
+#[derive(Debug)]
+struct QueuePlace {
+    shared: Arc<Shared>,
+    route: Option<Arc<RouteState>>,
 }
 
-/// A place among the requests waiting for one route's permit.
-struct RouteWait<'a>(&'a AtomicUsize);
+/// A place among the requests waiting for one route's permit; freed when dropped.
+#[derive(Debug)]
+struct RouteWait(Arc<RouteState>);
+
+/// What [`Limiter::enter`] decided, short of a refusal.
+#[derive(Debug)]
+pub enum Entry {
+    /// Admitted after all: slots freed since [`Limiter::try_admit`] looked.
+    Admitted(Admission),
+    /// In the queue: [`Queued::wait`] waits for the slot.
+    Queued(Queued),
+}
+
+/// A request's place in the queue (and among its route's waiters when its route is full),
+/// held until [`Queued::wait`] ends or it is dropped.
+#[derive(Debug)]
+pub struct Queued {
+    shared: Arc<Shared>,
+    route: Option<Arc<RouteState>>,
+    max_request_body: Option<u64>,
+    class: RequestClass,
+    route_permit: Option<OwnedSemaphorePermit>,
+    route_wait: Option<RouteWait>,
+    place: QueuePlace,
+}
 
 // === impl Limiter ===
 
@@ -382,64 +406,58 @@ impl Limiter {
         Ok(shared.admit(route, route_permit, max_request_body))
     }
 
-    /// The rest of [`Limiter::admit`] after [`Limiter::try_admit`] gave `route` back: tries
-    /// once more, then takes a queue place and waits for a slot, or refuses at once.
-    /// Cancel-safe, like [`Limiter::acquire`].
+    /// The rest of [`Limiter::admit`] after [`Limiter::try_admit`] gave `route` back:
+    /// [`Limiter::enter`], then [`Queued::wait`] if it queued. Cancel-safe, like
+    /// [`Limiter::acquire`].
     pub async fn queue(
         &self,
         route: RouteRef,
         class: RequestClass,
     ) -> Result<Admission, Overloaded> {
+        match self.enter(route, class)? {
+            Entry::Admitted(admission) => Ok(admission),
+            Entry::Queued(queued) => queued.wait().await,
+        }
+    }
+
+    /// Decides at once for a request that [`Limiter::try_admit`] could not admit: admitted
+    /// after all (both slots may have freed since), a place in the queue, or a refusal
+    /// (draining, its route's waiters full, the queue full with no worse class to push out).
+    pub fn enter(&self, route: RouteRef, class: RequestClass) -> Result<Entry, Overloaded> {
         let shared = &self.shared;
         let RouteRef {
             route,
             max_request_body,
         } = route;
-        let counters = route
-            .as_ref()
-            .map_or(&shared.default_route, |r| &r.slots.counters);
-        let route_retry_after = route.as_ref().and_then(|r| r.spec.retry_after);
-        let refuse = |reason: ShedReason| {
-            counters.shed[reason as usize].inc();
-            shared.classifier.note_refused(class.client);
-            let retry_after = match reason {
-                ShedReason::Draining => route_retry_after,
-                _ => route_retry_after.or_else(|| shared.retry_after_estimate()),
-            };
-            Overloaded {
-                reason,
-                retry_after,
-            }
-        };
+        let refuse = |reason| shared.refuse(route.as_deref(), class.client, reason);
         if shared.draining.load(Ordering::Relaxed) {
             return Err(refuse(ShedReason::Draining));
         }
-
-        // Both may have freed since `try_admit` looked.
-        let mut route_permit = match &route {
+        let route_permit = match &route {
             Some(r) => r.slots.gate.semaphore().clone().try_acquire_owned().ok(),
             None => None,
         };
         let route_ok = route.is_none() || route_permit.is_some();
         if route_ok && shared.global.try_acquire(class.priority) {
-            return Ok(shared.admit(route, route_permit, max_request_body));
+            return Ok(Entry::Admitted(shared.admit(
+                route,
+                route_permit,
+                max_request_body,
+            )));
         }
-
-        // Slow path: take a queue place or refuse at once.
         let route_wait = match &route {
-            Some(r) if !route_ok => {
-                let max = r.slots.max_waiting.load(Ordering::Acquire);
-                match reserve(&r.slots.waiting, max) {
-                    Some(waiting) => Some(RouteWait(waiting)),
-                    None => return Err(refuse(ShedReason::RouteFull)),
-                }
-            }
+            Some(r) if !route_ok => match RouteWait::reserve(r) {
+                Some(waiting) => Some(waiting),
+                None => return Err(refuse(ShedReason::RouteFull)),
+            },
             _ => None,
         };
-        let place = match shared.enqueue(counters) {
+        let place = match shared.enqueue(route.as_ref()) {
             Some(place) => place,
             // A full queue makes room for a better class by pushing out a worse waiter.
-            None if shared.global.evict_below(class.priority) => shared.enqueue_over(counters),
+            None if shared.global.evict_below(class.priority) => {
+                shared.enqueue_over(route.as_ref())
+            }
             None => {
                 drop(route_permit);
                 drop(route_wait);
@@ -450,43 +468,15 @@ impl Limiter {
                 }));
             }
         };
-        let start = Instant::now();
-        let timeout = Duration::from_millis(shared.queue_timeout_ms.load(Ordering::Acquire));
-        let wait = async {
-            if route_permit.is_none()
-                && let Some(r) = &route
-            {
-                let sem = r.slots.gate.semaphore().clone();
-                route_permit = Some(sem.acquire_owned().await.map_err(|_| Refused::Closed)?);
-            }
-            match shared.global.join(class.priority, class.retry)? {
-                Joined::Admitted => Ok(()),
-                Joined::Queued { wait, short: None } => wait.await,
-                Joined::Queued {
-                    wait,
-                    short: Some(short),
-                } => tokio::time::timeout(short, wait)
-                    .await
-                    .unwrap_or(Err(Refused::Expired)),
-            }
-        };
-        let waited = tokio::time::timeout_at(start + timeout, wait).await;
-        drop(route_wait);
-        drop(place);
-        match waited {
-            Ok(Ok(())) => {
-                shared
-                    .metrics
-                    .queue_wait
-                    .observe(start.elapsed().as_secs_f64());
-                Ok(shared.admit(route, route_permit, max_request_body))
-            }
-            Ok(Err(Refused::Expired)) => Err(refuse(ShedReason::QueueDelay)),
-            Ok(Err(Refused::Evicted)) => Err(refuse(ShedReason::Evicted)),
-            // Closed only when the drain gives up on queued requests.
-            Ok(Err(Refused::Closed)) => Err(refuse(ShedReason::Draining)),
-            Err(_elapsed) => Err(refuse(ShedReason::QueueTimeout)),
-        }
+        Ok(Entry::Queued(Queued {
+            shared: shared.clone(),
+            route,
+            max_request_body,
+            class,
+            route_permit,
+            route_wait,
+            place,
+        }))
     }
 
     /// Counts a request refused for breaking a limit, and returns the refusal.
@@ -555,24 +545,51 @@ impl Shared {
         }
     }
 
-    fn enqueue<'a>(&'a self, counters: &'a RouteCounters) -> Option<QueuePlace<'a>> {
+    fn enqueue(self: &Arc<Self>, route: Option<&Arc<RouteState>>) -> Option<QueuePlace> {
         reserve(&self.queued, self.max_queue.load(Ordering::Acquire))?;
-        Some(self.place(counters))
+        Some(self.place(route))
     }
 
     /// A place beyond the bound, taken from a waiter that was just evicted (which frees its
     /// own as soon as its task runs).
-    fn enqueue_over<'a>(&'a self, counters: &'a RouteCounters) -> QueuePlace<'a> {
+    fn enqueue_over(self: &Arc<Self>, route: Option<&Arc<RouteState>>) -> QueuePlace {
         self.queued.fetch_add(1, Ordering::AcqRel);
-        self.place(counters)
+        self.place(route)
     }
 
-    fn place<'a>(&'a self, counters: &'a RouteCounters) -> QueuePlace<'a> {
+    fn place(self: &Arc<Self>, route: Option<&Arc<RouteState>>) -> QueuePlace {
         self.metrics.queued.inc();
-        counters.queued.inc();
+        self.counters(route.map(|r| &**r)).queued.inc();
         QueuePlace {
-            shared: self,
-            counters,
+            shared: self.clone(),
+            route: route.cloned(),
+        }
+    }
+
+    /// The series of `route`, or of requests on no route.
+    fn counters<'a>(&'a self, route: Option<&'a RouteState>) -> &'a RouteCounters {
+        route.map_or(&self.default_route, |r| &r.slots.counters)
+    }
+
+    /// Counts a refusal for `reason` of a request on `route` from `client`, and returns it
+    /// with its `Retry-After`: the route's own, else (except when draining) the queue's
+    /// estimate.
+    fn refuse(
+        &self,
+        route: Option<&RouteState>,
+        client: Option<std::net::IpAddr>,
+        reason: ShedReason,
+    ) -> Overloaded {
+        self.counters(route).shed[reason as usize].inc();
+        self.classifier.note_refused(client);
+        let route_retry_after = route.and_then(|r| r.spec.retry_after);
+        let retry_after = match reason {
+            ShedReason::Draining => route_retry_after,
+            _ => route_retry_after.or_else(|| self.retry_after_estimate()),
+        };
+        Overloaded {
+            reason,
+            retry_after,
         }
     }
 
@@ -635,6 +652,63 @@ fn reserve(count: &AtomicUsize, max: usize) -> Option<&AtomicUsize> {
         .map(|_| count)
 }
 
+// === impl Queued ===
+
+impl Queued {
+    /// Waits for a slot (and the route's permit, if it has none yet), within the queue
+    /// timeout and the controlled delay. The queue place is freed as soon as the wait ends,
+    /// and by dropping the future before. Cancel-safe, like [`Limiter::acquire`].
+    pub async fn wait(self) -> Result<Admission, Overloaded> {
+        let Queued {
+            shared,
+            route,
+            max_request_body,
+            class,
+            mut route_permit,
+            route_wait,
+            place,
+        } = self;
+        let start = Instant::now();
+        let timeout = Duration::from_millis(shared.queue_timeout_ms.load(Ordering::Acquire));
+        let wait = async {
+            if route_permit.is_none()
+                && let Some(r) = &route
+            {
+                let sem = r.slots.gate.semaphore().clone();
+                route_permit = Some(sem.acquire_owned().await.map_err(|_| Refused::Closed)?);
+            }
+            match shared.global.join(class.priority, class.retry)? {
+                Joined::Admitted => Ok(()),
+                Joined::Queued { wait, short: None } => wait.await,
+                Joined::Queued {
+                    wait,
+                    short: Some(short),
+                } => tokio::time::timeout(short, wait)
+                    .await
+                    .unwrap_or(Err(Refused::Expired)),
+            }
+        };
+        let waited = tokio::time::timeout_at(start + timeout, wait).await;
+        drop(route_wait);
+        drop(place);
+        let refuse = |reason| Err(shared.refuse(route.as_deref(), class.client, reason));
+        match waited {
+            Ok(Ok(())) => {
+                shared
+                    .metrics
+                    .queue_wait
+                    .observe(start.elapsed().as_secs_f64());
+                Ok(shared.admit(route, route_permit, max_request_body))
+            }
+            Ok(Err(Refused::Expired)) => refuse(ShedReason::QueueDelay),
+            Ok(Err(Refused::Evicted)) => refuse(ShedReason::Evicted),
+            // Closed only when the drain gives up on queued requests.
+            Ok(Err(Refused::Closed)) => refuse(ShedReason::Draining),
+            Err(_elapsed) => refuse(ShedReason::QueueTimeout),
+        }
+    }
+}
+
 // === impl RouteCounters ===
 
 impl RouteCounters {
@@ -649,19 +723,29 @@ impl RouteCounters {
 
 // === impl RouteWait ===
 
-impl Drop for RouteWait<'_> {
+impl RouteWait {
+    /// A place among `route`'s waiters, if it has room.
+    fn reserve(route: &Arc<RouteState>) -> Option<RouteWait> {
+        let max = route.slots.max_waiting.load(Ordering::Acquire);
+        reserve(&route.slots.waiting, max)?;
+        Some(RouteWait(route.clone()))
+    }
+}
+
+impl Drop for RouteWait {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.0.slots.waiting.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
 // === impl QueuePlace ===
 
-impl Drop for QueuePlace<'_> {
+impl Drop for QueuePlace {
     fn drop(&mut self) {
-        self.shared.queued.fetch_sub(1, Ordering::AcqRel);
-        self.shared.metrics.queued.dec();
-        self.counters.queued.dec();
+        let shared = &self.shared;
+        shared.queued.fetch_sub(1, Ordering::AcqRel);
+        shared.metrics.queued.dec();
+        shared.counters(self.route.as_deref()).queued.dec();
     }
 }
 
@@ -889,6 +973,29 @@ mod tests {
         limiter.start_draining();
         assert!(limiter.try_admit(route("/"), class).is_err());
         assert_eq!((metrics.in_flight.get(), limiter.queued()), (0, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn enter_queues_or_refuses_at_once_and_a_dropped_place_frees_the_queue() {
+        let (limiter, metrics) = limiter(1, 1, &[]);
+        let class = RequestClass::default();
+        let route = || limiter.route(&Method::GET, "/");
+        let held = limiter.try_admit(route(), class).unwrap();
+        let Ok(Entry::Queued(queued)) = limiter.enter(route(), class) else {
+            panic!("a free queue place is taken");
+        };
+        assert_eq!((limiter.queued(), metrics.queued.get()), (1, 1));
+        // The queue is full: refused without waiting.
+        let refused = limiter.enter(route(), class).unwrap_err();
+        assert_eq!(refused.reason, ShedReason::QueueFull);
+        drop(queued);
+        assert_eq!((limiter.queued(), metrics.queued.get()), (0, 0));
+        // A slot freed since `try_admit` looked: admitted by `enter` itself.
+        drop(held);
+        assert!(matches!(
+            limiter.enter(route(), class),
+            Ok(Entry::Admitted(_))
+        ));
     }
 
     #[tokio::test(start_paused = true)]
