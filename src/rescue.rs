@@ -175,7 +175,7 @@ pub fn to_response(
         );
         h.insert(
             header::RETRY_AFTER,
-            HeaderValue::from(retry_after.pick(shed.retry_after)),
+            seconds(retry_after.pick(shed.retry_after)),
         );
         return rsp;
     }
@@ -226,20 +226,29 @@ pub fn to_response(
 }
 
 fn local(status: StatusCode, body: impl Into<bytes::Bytes>) -> Response<ResponseBody> {
-    let body: bytes::Bytes = body.into();
-    let len = body.len();
-    let mut rsp = Response::new(ResponseBody::Local(Some(body)));
+    // No `Content-Length` field: the body's size is exact, and hyper writes it from that
+    // (without the allocation a numeric header value costs).
+    let mut rsp = Response::new(ResponseBody::Local(Some(body.into())));
     *rsp.status_mut() = status;
     // Room for every field a local response gets, so that the map is allocated once.
-    *rsp.headers_mut() = http::HeaderMap::with_capacity(6);
+    *rsp.headers_mut() = http::HeaderMap::with_capacity(5);
     let h = rsp.headers_mut();
     h.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
-    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     rsp
+}
+
+/// A number of seconds as a header value; the small ones `Retry-After` usually takes are
+/// static, so that a refusal does not allocate for it.
+fn seconds(n: u64) -> HeaderValue {
+    const SMALL: [&str; 11] = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10"];
+    match usize::try_from(n).ok().and_then(|i| SMALL.get(i)) {
+        Some(text) => HeaderValue::from_static(text),
+        None => HeaderValue::from(n),
+    }
 }
 
 /// Displays an error with its sources, `a: b: c`.
@@ -298,6 +307,13 @@ mod tests {
             .parse()
             .unwrap();
         assert!((30..=32).contains(&secs), "{secs}");
+    }
+
+    #[test]
+    fn seconds_render_small_and_large_values_alike() {
+        for n in [0, 1, 9, 10, 11, 60, 3600, u64::MAX] {
+            assert_eq!(seconds(n), HeaderValue::from(n), "{n}");
+        }
     }
 
     #[test]

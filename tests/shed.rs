@@ -62,6 +62,9 @@ async fn exactly_n_reach_the_app_q_wait_and_the_rest_are_refused_at_once() {
             "default Retry-After is 1-2 s: {retry}"
         );
         assert!(!body.is_empty());
+        // Framed by length, not chunked: the client knows the refusal is whole.
+        assert_eq!(headers["content-length"], body.len().to_string().as_str());
+        assert!(!headers.contains_key("transfer-encoding"));
         assert!(
             took < Duration::from_millis(500),
             "refusal took {took:?}, queue timeout is 30s"
