@@ -16,6 +16,7 @@ pub mod adaptive;
 mod classify;
 mod gate;
 mod layer;
+mod queue;
 mod route;
 mod slots;
 mod state;
@@ -36,9 +37,10 @@ use self::classify::Classifier;
 pub use self::classify::{ClassifyConfig, RequestClass};
 use self::gate::Gate;
 pub use self::layer::{Admitted, Limit, LimitLayer, ResponseFuture};
+pub use self::queue::{Entry, Queued};
 pub use self::route::{PathMatch, RouteSpec, RouteTable};
 pub use self::slots::{AdaptiveView, Discipline, Priority, SlotsView};
-use self::slots::{Joined, Refused, Slots, UNLIMITED};
+use self::slots::{Slots, UNLIMITED};
 pub use self::state::{LimiterState, RouteView};
 use crate::error::{Overloaded, Rejected, ShedReason};
 use crate::metrics::Metrics;
@@ -161,39 +163,6 @@ enum Sample {
     Fixed(Duration),
     /// None: the exchange says nothing about the app's latency.
     Skip,
-}
-
-/// A place in the shared queue; frees it and updates the gauges when dropped.
-#[derive(Debug)]
-struct QueuePlace {
-    shared: Arc<Shared>,
-    route: Option<Arc<RouteState>>,
-}
-
-/// A place among the requests waiting for one route's permit; freed when dropped.
-#[derive(Debug)]
-struct RouteWait(Arc<RouteState>);
-
-/// What [`Limiter::enter`] decided, short of a refusal.
-#[derive(Debug)]
-pub enum Entry {
-    /// Admitted after all: slots freed since [`Limiter::try_admit`] looked.
-    Admitted(Admission),
-    /// In the queue: [`Queued::wait`] waits for the slot.
-    Queued(Queued),
-}
-
-/// A request's place in the queue (and among its route's waiters when its route is full),
-/// held until [`Queued::wait`] ends or it is dropped.
-#[derive(Debug)]
-pub struct Queued {
-    shared: Arc<Shared>,
-    route: Option<Arc<RouteState>>,
-    max_request_body: Option<u64>,
-    class: RequestClass,
-    route_permit: Option<OwnedSemaphorePermit>,
-    route_wait: Option<RouteWait>,
-    place: QueuePlace,
 }
 
 // === impl Limiter ===
@@ -406,79 +375,6 @@ impl Limiter {
         Ok(shared.admit(route, route_permit, max_request_body))
     }
 
-    /// The rest of [`Limiter::admit`] after [`Limiter::try_admit`] gave `route` back:
-    /// [`Limiter::enter`], then [`Queued::wait`] if it queued. Cancel-safe, like
-    /// [`Limiter::acquire`].
-    pub async fn queue(
-        &self,
-        route: RouteRef,
-        class: RequestClass,
-    ) -> Result<Admission, Overloaded> {
-        match self.enter(route, class)? {
-            Entry::Admitted(admission) => Ok(admission),
-            Entry::Queued(queued) => queued.wait().await,
-        }
-    }
-
-    /// Decides at once for a request that [`Limiter::try_admit`] could not admit: admitted
-    /// after all (both slots may have freed since), a place in the queue, or a refusal
-    /// (draining, its route's waiters full, the queue full with no worse class to push out).
-    pub fn enter(&self, route: RouteRef, class: RequestClass) -> Result<Entry, Overloaded> {
-        let shared = &self.shared;
-        let RouteRef {
-            route,
-            max_request_body,
-        } = route;
-        let refuse = |reason| shared.refuse(route.as_deref(), class.client, reason);
-        if shared.draining.load(Ordering::Relaxed) {
-            return Err(refuse(ShedReason::Draining));
-        }
-        let route_permit = match &route {
-            Some(r) => r.slots.gate.semaphore().clone().try_acquire_owned().ok(),
-            None => None,
-        };
-        let route_ok = route.is_none() || route_permit.is_some();
-        if route_ok && shared.global.try_acquire(class.priority) {
-            return Ok(Entry::Admitted(shared.admit(
-                route,
-                route_permit,
-                max_request_body,
-            )));
-        }
-        let route_wait = match &route {
-            Some(r) if !route_ok => match RouteWait::reserve(r) {
-                Some(waiting) => Some(waiting),
-                None => return Err(refuse(ShedReason::RouteFull)),
-            },
-            _ => None,
-        };
-        let place = match shared.enqueue(route.as_ref()) {
-            Some(place) => place,
-            // A full queue makes room for a better class by pushing out a worse waiter.
-            None if shared.global.evict_below(class.priority) => {
-                shared.enqueue_over(route.as_ref())
-            }
-            None => {
-                drop(route_permit);
-                drop(route_wait);
-                return Err(refuse(if route_ok {
-                    ShedReason::QueueFull
-                } else {
-                    ShedReason::RouteFull
-                }));
-            }
-        };
-        Ok(Entry::Queued(Queued {
-            shared: shared.clone(),
-            route,
-            max_request_body,
-            class,
-            route_permit,
-            route_wait,
-            place,
-        }))
-    }
-
     /// Counts a request refused for breaking a limit, and returns the refusal.
     pub fn reject(&self, rejected: Rejected) -> Rejected {
         self.shared.metrics.count_rejection(&rejected);
@@ -542,27 +438,6 @@ impl Shared {
             sample: Sample::Held,
             route_permit,
             max_request_body,
-        }
-    }
-
-    fn enqueue(self: &Arc<Self>, route: Option<&Arc<RouteState>>) -> Option<QueuePlace> {
-        reserve(&self.queued, self.max_queue.load(Ordering::Acquire))?;
-        Some(self.place(route))
-    }
-
-    /// A place beyond the bound, taken from a waiter that was just evicted (which frees its
-    /// own as soon as its task runs).
-    fn enqueue_over(self: &Arc<Self>, route: Option<&Arc<RouteState>>) -> QueuePlace {
-        self.queued.fetch_add(1, Ordering::AcqRel);
-        self.place(route)
-    }
-
-    fn place(self: &Arc<Self>, route: Option<&Arc<RouteState>>) -> QueuePlace {
-        self.metrics.queued.inc();
-        self.counters(route.map(|r| &**r)).queued.inc();
-        QueuePlace {
-            shared: self.clone(),
-            route: route.cloned(),
         }
     }
 
@@ -642,73 +517,6 @@ impl Shared {
     }
 }
 
-/// Increments `count` if it is below `max`.
-fn reserve(count: &AtomicUsize, max: usize) -> Option<&AtomicUsize> {
-    count
-        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-            (n < max).then_some(n + 1)
-        })
-        .ok()
-        .map(|_| count)
-}
-
-// === impl Queued ===
-
-impl Queued {
-    /// Waits for a slot (and the route's permit, if it has none yet), within the queue
-    /// timeout and the controlled delay. The queue place is freed as soon as the wait ends,
-    /// and by dropping the future before. Cancel-safe, like [`Limiter::acquire`].
-    pub async fn wait(self) -> Result<Admission, Overloaded> {
-        let Queued {
-            shared,
-            route,
-            max_request_body,
-            class,
-            mut route_permit,
-            route_wait,
-            place,
-        } = self;
-        let start = Instant::now();
-        let timeout = Duration::from_millis(shared.queue_timeout_ms.load(Ordering::Acquire));
-        let wait = async {
-            if route_permit.is_none()
-                && let Some(r) = &route
-            {
-                let sem = r.slots.gate.semaphore().clone();
-                route_permit = Some(sem.acquire_owned().await.map_err(|_| Refused::Closed)?);
-            }
-            match shared.global.join(class.priority, class.retry)? {
-                Joined::Admitted => Ok(()),
-                Joined::Queued { wait, short: None } => wait.await,
-                Joined::Queued {
-                    wait,
-                    short: Some(short),
-                } => tokio::time::timeout(short, wait)
-                    .await
-                    .unwrap_or(Err(Refused::Expired)),
-            }
-        };
-        let waited = tokio::time::timeout_at(start + timeout, wait).await;
-        drop(route_wait);
-        drop(place);
-        let refuse = |reason| Err(shared.refuse(route.as_deref(), class.client, reason));
-        match waited {
-            Ok(Ok(())) => {
-                shared
-                    .metrics
-                    .queue_wait
-                    .observe(start.elapsed().as_secs_f64());
-                Ok(shared.admit(route, route_permit, max_request_body))
-            }
-            Ok(Err(Refused::Expired)) => refuse(ShedReason::QueueDelay),
-            Ok(Err(Refused::Evicted)) => refuse(ShedReason::Evicted),
-            // Closed only when the drain gives up on queued requests.
-            Ok(Err(Refused::Closed)) => refuse(ShedReason::Draining),
-            Err(_elapsed) => refuse(ShedReason::QueueTimeout),
-        }
-    }
-}
-
 // === impl RouteCounters ===
 
 impl RouteCounters {
@@ -718,34 +526,6 @@ impl RouteCounters {
             queued: metrics.route_queued.with_label_values(&[route]),
             shed: ShedReason::ALL.map(|r| metrics.shed.with_label_values(&[r.as_str(), route])),
         }
-    }
-}
-
-// === impl RouteWait ===
-
-impl RouteWait {
-    /// A place among `route`'s waiters, if it has room.
-    fn reserve(route: &Arc<RouteState>) -> Option<RouteWait> {
-        let max = route.slots.max_waiting.load(Ordering::Acquire);
-        reserve(&route.slots.waiting, max)?;
-        Some(RouteWait(route.clone()))
-    }
-}
-
-impl Drop for RouteWait {
-    fn drop(&mut self) {
-        self.0.slots.waiting.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-// === impl QueuePlace ===
-
-impl Drop for QueuePlace {
-    fn drop(&mut self) {
-        let shared = &self.shared;
-        shared.queued.fetch_sub(1, Ordering::AcqRel);
-        shared.metrics.queued.dec();
-        shared.counters(self.route.as_deref()).queued.dec();
     }
 }
 
