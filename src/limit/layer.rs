@@ -134,28 +134,23 @@ where
             });
         }
         let class = limiter.classify(request.headers(), &route, self.client);
-        match limiter.try_admit(route, class) {
-            Ok(admission) => ResponseFuture::new(State::Admitted {
+        match limiter.enter(route, class) {
+            Ok(Entry::Admitted(admission)) => ResponseFuture::new(State::Admitted {
                 future: self.inner.call(Admitted { request, admission }),
             }),
-            Err(route) => match limiter.enter(route, class) {
-                Ok(Entry::Admitted(admission)) => ResponseFuture::new(State::Admitted {
-                    future: self.inner.call(Admitted { request, admission }),
-                }),
-                Ok(Entry::Queued(queued)) => {
-                    // The ready service goes with the request; this layer keeps a fresh
-                    // clone, which is made ready on the next `poll_ready`.
-                    let fresh = self.inner.clone();
-                    ResponseFuture::new(State::Queued {
-                        wait: Box::pin(queued.wait()),
-                        request: Some(request),
-                        inner: std::mem::replace(&mut self.inner, fresh),
-                    })
-                }
-                Err(overloaded) => ResponseFuture::new(State::Refused {
-                    error: Some(overloaded.into()),
-                }),
-            },
+            Ok(Entry::Queued(queued)) => {
+                // The ready service goes with the request; this layer keeps a fresh clone,
+                // which is made ready on the next `poll_ready`.
+                let fresh = self.inner.clone();
+                ResponseFuture::new(State::Queued {
+                    wait: Box::pin(queued.wait()),
+                    request: Some(request),
+                    inner: std::mem::replace(&mut self.inner, fresh),
+                })
+            }
+            Err(overloaded) => ResponseFuture::new(State::Refused {
+                error: Some(overloaded.into()),
+            }),
         }
     }
 }

@@ -343,36 +343,10 @@ impl Limiter {
         route: RouteRef,
         class: RequestClass,
     ) -> Result<Admission, Overloaded> {
-        match self.try_admit(route, class) {
-            Ok(admission) => Ok(admission),
-            Err(route) => self.queue(route, class).await,
+        match self.enter(route, class)? {
+            Entry::Admitted(admission) => Ok(admission),
+            Entry::Queued(queued) => queued.wait().await,
         }
-    }
-
-    /// Admits a request on `route` of `class` at once if a slot (and its route's permit) is
-    /// free and tidegate is not draining. Otherwise gives `route` back untouched, and
-    /// [`Limiter::queue`] decides: a place in the queue or a refusal. Together they are
-    /// [`Limiter::admit`]; apart, the common case needs no future.
-    pub fn try_admit(&self, route: RouteRef, class: RequestClass) -> Result<Admission, RouteRef> {
-        let shared = &self.shared;
-        if shared.draining.load(Ordering::Relaxed) {
-            return Err(route);
-        }
-        let route_permit = match &route.route {
-            Some(r) => match r.slots.gate.semaphore().clone().try_acquire_owned() {
-                Ok(permit) => Some(permit),
-                Err(_) => return Err(route),
-            },
-            None => None,
-        };
-        if !shared.global.try_acquire(class.priority) {
-            return Err(route);
-        }
-        let RouteRef {
-            route,
-            max_request_body,
-        } = route;
-        Ok(shared.admit(route, route_permit, max_request_body))
     }
 
     /// Counts a request refused for breaking a limit, and returns the refusal.
@@ -735,23 +709,29 @@ mod tests {
         assert_eq!(metrics.queued.get(), 0);
     }
 
-    #[test]
-    fn try_admit_takes_only_free_slots_and_never_while_draining() {
+    #[tokio::test(start_paused = true)]
+    async fn enter_admits_only_to_free_slots_and_never_while_draining() {
         let (limiter, metrics) = limiter(2, 1, &["/r=1"]);
         let class = RequestClass::default();
         let route = |path| limiter.route(&Method::GET, path);
-        let on_r = limiter.try_admit(route("/r"), class).unwrap();
-        // The route's one permit is taken: the route comes back whole, nothing is held.
-        let back = limiter.try_admit(route("/r"), class).unwrap_err();
-        assert!(back.route.is_some());
+        let admitted = |entry: &Result<Entry, Overloaded>| matches!(entry, Ok(Entry::Admitted(_)));
+        let on_r = limiter.enter(route("/r"), class);
+        assert!(admitted(&on_r));
+        // The route's one permit is taken: not admitted, and no slot is held for it.
+        let waiting = limiter.enter(route("/r"), class);
+        assert!(!admitted(&waiting));
         assert_eq!(metrics.in_flight.get(), 1);
-        let other = limiter.try_admit(route("/"), class).unwrap();
+        drop(waiting);
+        let other = limiter.enter(route("/"), class);
+        assert!(admitted(&other));
         // Both global slots are taken.
-        assert!(limiter.try_admit(route("/"), class).is_err());
+        let full = limiter.enter(route("/"), class);
+        assert!(!admitted(&full));
         assert_eq!(metrics.in_flight.get(), 2);
-        drop((on_r, other));
+        drop((on_r, other, full));
         limiter.start_draining();
-        assert!(limiter.try_admit(route("/"), class).is_err());
+        let refused = limiter.enter(route("/"), class).unwrap_err();
+        assert_eq!(refused.reason, ShedReason::Draining);
         assert_eq!((metrics.in_flight.get(), limiter.queued()), (0, 0));
     }
 
@@ -760,7 +740,9 @@ mod tests {
         let (limiter, metrics) = limiter(1, 1, &[]);
         let class = RequestClass::default();
         let route = || limiter.route(&Method::GET, "/");
-        let held = limiter.try_admit(route(), class).unwrap();
+        let Ok(Entry::Admitted(held)) = limiter.enter(route(), class) else {
+            panic!("the free slot is taken");
+        };
         let Ok(Entry::Queued(queued)) = limiter.enter(route(), class) else {
             panic!("a free queue place is taken");
         };
@@ -770,7 +752,7 @@ mod tests {
         assert_eq!(refused.reason, ShedReason::QueueFull);
         drop(queued);
         assert_eq!((limiter.queued(), metrics.queued.get()), (0, 0));
-        // A slot freed since `try_admit` looked: admitted by `enter` itself.
+        // Once the slot is free again: admitted at once.
         drop(held);
         assert!(matches!(
             limiter.enter(route(), class),

@@ -27,7 +27,7 @@ struct RouteWait(Arc<RouteState>);
 /// What [`Limiter::enter`] decided, short of a refusal.
 #[derive(Debug)]
 pub enum Entry {
-    /// Admitted after all: slots freed since [`Limiter::try_admit`] looked.
+    /// Admitted: its slot (and its route's permit) were free.
     Admitted(Admission),
     /// In the queue: [`Queued::wait`] waits for the slot.
     Queued(Queued),
@@ -49,23 +49,10 @@ pub struct Queued {
 // === impl Limiter ===
 
 impl Limiter {
-    /// The rest of [`Limiter::admit`] after [`Limiter::try_admit`] gave `route` back:
-    /// [`Limiter::enter`], then [`Queued::wait`] if it queued. Cancel-safe, like
-    /// [`Limiter::acquire`].
-    pub async fn queue(
-        &self,
-        route: RouteRef,
-        class: RequestClass,
-    ) -> Result<Admission, Overloaded> {
-        match self.enter(route, class)? {
-            Entry::Admitted(admission) => Ok(admission),
-            Entry::Queued(queued) => queued.wait().await,
-        }
-    }
-
-    /// Decides at once for a request that [`Limiter::try_admit`] could not admit: admitted
-    /// after all (both slots may have freed since), a place in the queue, or a refusal
-    /// (draining, its route's waiters full, the queue full with no worse class to push out).
+    /// Decides at once for a request on `route` of `class`: admitted when a slot (and its
+    /// route's permit) is free, else a place in the queue, or a refusal (draining, its route's
+    /// waiters full, the queue full with no worse class to push out). [`Limiter::admit`] is
+    /// this and [`Queued::wait`]; apart, only a request that queues needs a future.
     pub fn enter(&self, route: RouteRef, class: RequestClass) -> Result<Entry, Overloaded> {
         let shared = &self.shared;
         let RouteRef {
