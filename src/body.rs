@@ -53,7 +53,8 @@ pub struct UpstreamBody {
 /// answered with a 4xx (and the app's half-sent request is aborted), not a 502.
 #[derive(Debug)]
 pub struct RequestBody {
-    inner: Incoming,
+    /// `None` for an empty body made by tidegate (a bodiless request sent again).
+    inner: Option<Incoming>,
     limit: Option<u64>,
     seen: u64,
 }
@@ -65,8 +66,17 @@ impl RequestBody {
     /// [`Rejected::BodyTooLarge`].
     pub fn new(inner: Incoming, limit: Option<u64>) -> RequestBody {
         RequestBody {
-            inner,
+            inner: Some(inner),
             limit,
+            seen: 0,
+        }
+    }
+
+    /// An empty body, for a copy of a bodiless request.
+    pub fn empty() -> RequestBody {
+        RequestBody {
+            inner: None,
+            limit: None,
             seen: 0,
         }
     }
@@ -81,7 +91,10 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Rejected>>> {
         let this = &mut *self;
-        match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match ready!(Pin::new(inner).poll_frame(cx)) {
             Some(Ok(frame)) => {
                 if let Some(data) = frame.data_ref() {
                     this.seen = this.seen.saturating_add(data.len() as u64);
@@ -99,11 +112,13 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner.as_ref().is_none_or(Body::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
     }
 }
 

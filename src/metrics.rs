@@ -73,6 +73,9 @@ pub struct Metrics {
     pub coalesce_cache_bytes: IntGauge,
     /// `tidegate_upstream_errors_total{kind}`.
     pub upstream_errors: IntCounterVec,
+    /// `tidegate_upstream_replays_total`: bodiless idempotent requests sent again on a new
+    /// connection after a reused one closed before answering (the keep-alive race).
+    pub upstream_replays: IntCounter,
     /// `tidegate_connections_open`: downstream connections open now.
     pub connections_open: IntGauge,
     /// `tidegate_connections_parked`: open HTTP/1.1 connections that are idle with their
@@ -369,6 +372,14 @@ impl Metrics {
                         "Failed exchanges with the app, by kind",
                     ),
                     &["kind"],
+                )?,
+            )?,
+            upstream_replays: reg(
+                r,
+                IntCounter::new(
+                    "tidegate_upstream_replays_total",
+                    "Requests sent again on a new connection after a reused one closed before \
+                     answering",
                 )?,
             )?,
             connections_open: reg(

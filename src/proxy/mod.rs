@@ -103,7 +103,7 @@ impl Proxy {
         metrics: Arc<Metrics>,
         tunnels: TaskTracker,
     ) -> Proxy {
-        let client = Client::new(live.clone());
+        let client = Client::new(live.clone(), metrics.upstream_replays.clone());
         let authority = client.is_http2().then(|| match &live.load().args.upstream {
             Upstream::Tcp { authority } => authority.clone(),
             Upstream::Unix { .. } => Authority::from_static("localhost"),

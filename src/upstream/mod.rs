@@ -7,6 +7,7 @@
 
 pub mod connect;
 mod pool;
+mod replay;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -16,6 +17,7 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use prometheus::IntCounter;
 
 use crate::body::RequestBody;
 use crate::config::{LiveConfig, Upstream};
@@ -51,6 +53,8 @@ struct Inner {
     upstream: Upstream,
     live: LiveConfig,
     protocol: Protocol,
+    /// `tidegate_upstream_replays_total`.
+    replays: IntCounter,
 }
 
 #[derive(Debug)]
@@ -64,8 +68,9 @@ enum Protocol {
 
 impl Client {
     /// A client for the app in `live`'s config (fixed at start, as is the protocol:
-    /// `http2` for `--upstream-http2`); the connect timeout is read per connection.
-    pub fn new(live: LiveConfig) -> Client {
+    /// `http2` for `--upstream-http2`); the connect timeout is read per connection. `replays`
+    /// counts the requests sent again after the keep-alive race.
+    pub fn new(live: LiveConfig, replays: IntCounter) -> Client {
         let config = live.load();
         let protocol = if config.args.upstream_http2 {
             Protocol::Http2(Arc::new(tokio::sync::Mutex::new(None)))
@@ -77,6 +82,7 @@ impl Client {
                 upstream: config.args.upstream.clone(),
                 live,
                 protocol,
+                replays,
             }),
         }
     }
@@ -92,6 +98,9 @@ impl Client {
     ///
     /// A request that a reused connection turns down unsent (the app closed it while idle) is
     /// sent again on another connection; one that was handed to a fresh connection is not.
+    /// A bodiless request with an idempotent method that a reused HTTP/1.1 connection took and
+    /// then closed or reset before answering (the app's keep-alive timeout closed it as the
+    /// request arrived) is sent once more on a new connection (module `replay`).
     ///
     /// The future owns what it needs (it can outlive `self`), and holds `request` once: not
     /// an `async fn`, which would keep a copy of `request` beside the protocol's own.
@@ -115,20 +124,45 @@ impl Client {
         pool: Arc<Pool>,
         mut request: Request<RequestBody>,
     ) -> Result<(Response<Incoming>, Option<Lease>), SendError> {
-        loop {
-            let (mut sender, reused) = match pool.checkout() {
-                Some(sender) => (sender, true),
-                // Boxed: the connect and handshake states would otherwise make every
-                // request's future larger, and most requests find an idle connection.
-                None => (Box::pin(self.open_http1()).await?, false),
+        // Idle connections first; what breaks out of the loop goes on a new connection.
+        let on_new = loop {
+            let Some((mut sender, idle_since)) = pool.checkout() else {
+                break request;
             };
-            match sender.try_send_request(request).await {
+            let (sending, replay) = replay::hand_over(&mut sender, request, idle_since);
+            match sending.await {
                 Ok(response) => return Ok((response, Some(Lease::new(sender, pool)))),
-                Err(mut error) => match error.take_message() {
-                    Some(unsent) if reused => request = unsent,
+                Err(mut error) => match (error.take_message(), replay) {
+                    (Some(unsent), _) => request = unsent,
+                    (None, Some(copy)) if replay::closed_before_answer(error.error()) => {
+                        tracing::debug!(
+                            error = %error.error(),
+                            "A reused connection to the app closed before answering; \
+                             sending the request again on a new one"
+                        );
+                        self.inner.replays.inc();
+                        // On a new connection: the other idle ones may be as stale.
+                        break *copy;
+                    }
                     _ => return Err(SendError::Exchange(error.into_error())),
                 },
             }
+        };
+        // Boxed: the connect and handshake states would otherwise make every request's
+        // future larger, and most requests find an idle connection.
+        Box::pin(self.send_on_new(pool, on_new)).await
+    }
+
+    /// Sends `request` on a new connection, which goes to `pool` when its exchange is over.
+    async fn send_on_new(
+        self,
+        pool: Arc<Pool>,
+        request: Request<RequestBody>,
+    ) -> Result<(Response<Incoming>, Option<Lease>), SendError> {
+        let mut sender = self.open_http1().await?;
+        match sender.try_send_request(request).await {
+            Ok(response) => Ok((response, Some(Lease::new(sender, pool)))),
+            Err(error) => Err(SendError::Exchange(error.into_error())),
         }
     }
 

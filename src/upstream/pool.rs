@@ -57,15 +57,16 @@ impl Pool {
         }
     }
 
-    /// The most recently used idle connection that is ready for a request, if any. Closed
-    /// connections met on the way are dropped; those whose connection task has not yet caught
-    /// up with the end of their last exchange are moved to the bottom, for later.
-    pub(super) fn checkout(&self) -> Option<SendRequest<RequestBody>> {
+    /// The most recently used idle connection that is ready for a request, if any, and since
+    /// when it has been idle. Closed connections met on the way are dropped; those whose
+    /// connection task has not yet caught up with the end of their last exchange are moved to
+    /// the bottom, for later.
+    pub(super) fn checkout(&self) -> Option<(SendRequest<RequestBody>, Instant)> {
         let mut idle = self.lock();
         for _ in 0..idle.len() {
             let entry = idle.pop_back()?;
             if entry.sender.is_ready() {
-                return Some(entry.sender);
+                return Some((entry.sender, entry.since));
             }
             if !entry.sender.is_closed() {
                 idle.push_front(entry);
