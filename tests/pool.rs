@@ -82,6 +82,93 @@ async fn abandon_stream(tg: &Tidegate) {
     drop(stream);
 }
 
+/// A raw HTTP/1.1 app, for failures hyper would not produce: it answers `ok`, and counts the
+/// requests it reads (not connections: tidegate's TCP health checks send none).
+struct RawApp {
+    addr: std::net::SocketAddr,
+    requests: Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for RawApp {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Reads one request head from `stream`, or `None` if the connection ends (or `idle` passes
+/// before its first byte).
+async fn read_head(stream: &mut TcpStream, idle: Option<Duration>) -> Option<Vec<u8>> {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let read = stream.read(&mut buf);
+        let n = match idle {
+            Some(idle) if head.is_empty() => tokio::time::timeout(idle, read).await.ok()?,
+            _ => read.await,
+        };
+        match n {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    Some(head)
+}
+
+/// How a [`RawApp`] misbehaves.
+#[derive(Clone, Copy)]
+enum Conduct {
+    /// Closes a connection idle this long (a keep-alive timeout), without looking at what may
+    /// arrive at that moment.
+    KeepAliveTimeout(Duration),
+    /// Reads its n-th request (counting from 1) and closes that connection without answering.
+    DropNth(usize),
+    /// Closes each connection right after its first response, without `Connection: close`.
+    CloseAfterEach,
+}
+
+/// Starts a [`RawApp`] that behaves as `conduct` says.
+async fn raw_app(conduct: Conduct) -> RawApp {
+    let (idle, drop_nth) = match conduct {
+        Conduct::KeepAliveTimeout(idle) => (Some(idle), None),
+        Conduct::DropNth(n) => (None, Some(n)),
+        Conduct::CloseAfterEach => (None, None),
+    };
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let requests = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = requests.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let count = count.clone();
+            tokio::spawn(async move {
+                while read_head(&mut stream, idle).await.is_some() {
+                    let nth = count.fetch_add(1, Ordering::SeqCst) + 1;
+                    if Some(nth) == drop_nth {
+                        return;
+                    }
+                    if stream
+                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    if matches!(conduct, Conduct::CloseAfterEach) {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    RawApp {
+        addr,
+        requests,
+        task,
+    }
+}
+
 async fn get_ok(url: &str) {
     let (status, _, body) = get(url).await.unwrap();
     assert_eq!((status, body.as_str()), (StatusCode::OK, "ok"));
@@ -148,33 +235,8 @@ async fn a_zero_idle_timeout_opens_a_connection_per_request() {
 /// a 502 for a connection that was dead when it was picked.
 #[tokio::test]
 async fn a_connection_the_app_closed_after_its_response_is_not_reused() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let count = accepted.clone();
-    let app = tokio::spawn(async move {
-        loop {
-            let (mut stream, _) = listener.accept().await.unwrap();
-            let count = count.clone();
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match stream.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
-                // Counted once a request came: tidegate's TCP health checks send none.
-                count.fetch_add(1, Ordering::SeqCst);
-                let _ = stream
-                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-                    .await;
-                // Dropped: closed with no warning in the response.
-            });
-        }
-    });
-    let tg = tidegate(addr, &[]).await;
+    let app = raw_app(Conduct::CloseAfterEach).await;
+    let tg = tidegate(app.addr, &[]).await;
     let client = client();
     for i in 0..30 {
         let req = Request::get(tg.url("/")).body(empty()).unwrap();
@@ -185,8 +247,8 @@ async fn a_connection_the_app_closed_after_its_response_is_not_reused() {
             "request {i}"
         );
     }
-    assert_eq!(accepted.load(Ordering::SeqCst), 30);
-    app.abort();
+    assert_eq!(app.requests.load(Ordering::SeqCst), 30);
+    assert_eq!(tg.metrics.upstream_replays.get(), 0, "none was lost");
 }
 
 #[tokio::test]
@@ -263,76 +325,6 @@ async fn http2_to_the_app_shares_one_connection_from_the_first_burst() {
     );
 }
 
-/// A raw HTTP/1.1 app, for failures hyper would not produce: it answers `ok` with
-/// keep-alive, and counts the requests it reads.
-struct RawApp {
-    addr: std::net::SocketAddr,
-    requests: Arc<std::sync::atomic::AtomicUsize>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for RawApp {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-/// Reads one request head from `stream`, or `None` if the connection ends (or `idle` passes
-/// before its first byte).
-async fn read_head(stream: &mut TcpStream, idle: Option<Duration>) -> Option<Vec<u8>> {
-    let mut head = Vec::new();
-    let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        let read = stream.read(&mut buf);
-        let n = match idle {
-            Some(idle) if head.is_empty() => tokio::time::timeout(idle, read).await.ok()?,
-            _ => read.await,
-        };
-        match n {
-            Ok(0) | Err(_) => return None,
-            Ok(n) => head.extend_from_slice(&buf[..n]),
-        }
-    }
-    Some(head)
-}
-
-/// Starts a [`RawApp`]. With `idle`, it closes a connection idle that long (a keep-alive
-/// timeout) without looking at what may arrive at that moment. With `drop_nth`, the app
-/// reads its `drop_nth`-th request (counting from 1) and closes that connection without
-/// answering.
-async fn raw_app(idle: Option<Duration>, drop_nth: Option<usize>) -> RawApp {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let requests = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let count = requests.clone();
-    let task = tokio::spawn(async move {
-        loop {
-            let (mut stream, _) = listener.accept().await.unwrap();
-            let count = count.clone();
-            tokio::spawn(async move {
-                while read_head(&mut stream, idle).await.is_some() {
-                    let nth = count.fetch_add(1, Ordering::SeqCst) + 1;
-                    if Some(nth) == drop_nth {
-                        return;
-                    }
-                    if stream
-                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    RawApp {
-        addr,
-        requests,
-        task,
-    }
-}
-
 /// How long tidegate's connections must have been idle for a request on them to be sent
 /// again if they close unanswered (50 ms), with a margin.
 const AT_RISK: Duration = Duration::from_millis(80);
@@ -343,7 +335,7 @@ const AT_RISK: Duration = Duration::from_millis(80);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_at_the_apps_keep_alive_timeout_get_no_502() {
     const IDLE: Duration = AT_RISK;
-    let app = raw_app(Some(IDLE), None).await;
+    let app = raw_app(Conduct::KeepAliveTimeout(IDLE)).await;
     let tg = tidegate(app.addr, &[]).await;
     let client = client();
     let mut failed = Vec::new();
@@ -375,7 +367,7 @@ async fn requests_at_the_apps_keep_alive_timeout_get_no_502() {
 /// connection and answered.
 #[tokio::test]
 async fn a_get_a_reused_connection_drops_is_sent_again_on_a_new_one() {
-    let app = raw_app(None, Some(2)).await;
+    let app = raw_app(Conduct::DropNth(2)).await;
     let tg = tidegate(app.addr, &[]).await;
     get_ok(&tg.url("/first")).await;
     // Not synchronisation: the connection's idle time is the condition under test.
@@ -399,7 +391,7 @@ async fn a_get_a_reused_connection_drops_is_sent_again_on_a_new_one() {
 /// A request with a body is not sent again: its body has been streamed out.
 #[tokio::test]
 async fn a_request_with_a_body_is_not_sent_again() {
-    let app = raw_app(None, Some(2)).await;
+    let app = raw_app(Conduct::DropNth(2)).await;
     let tg = tidegate(app.addr, &[]).await;
     get_ok(&tg.url("/first")).await;
     tokio::time::sleep(AT_RISK).await;
@@ -415,7 +407,7 @@ async fn a_request_with_a_body_is_not_sent_again() {
 /// stale connection's.
 #[tokio::test]
 async fn a_get_a_new_connection_drops_is_not_sent_again() {
-    let app = raw_app(None, Some(1)).await;
+    let app = raw_app(Conduct::DropNth(1)).await;
     let tg = tidegate(app.addr, &[]).await;
     let (status, headers, _) = get(&tg.url("/")).await.unwrap();
     assert_eq!(status, StatusCode::BAD_GATEWAY);
