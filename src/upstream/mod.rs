@@ -223,6 +223,11 @@ impl Client {
         let io = self.open_stream().await?;
         let (mut sender, connection) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
+            // One stream until the app's SETTINGS say how many it takes. hyper would assume
+            // 100, and an app that takes fewer refuses the excess of a burst that comes before
+            // its SETTINGS (REFUSED_STREAM, a 502 each); the rest wait for the SETTINGS, which
+            // follow the app's preface at once.
+            .initial_max_send_streams(1)
             .handshake(io)
             .await
             .map_err(SendError::Handshake)?;
