@@ -170,6 +170,24 @@ async fn raw_app(conduct: Conduct) -> RawApp {
     }
 }
 
+/// Sends `n` GETs at once through `tg`; how many got each status.
+async fn burst(tg: &Tidegate, n: usize) -> std::collections::BTreeMap<u16, usize> {
+    let client = client();
+    let requests: Vec<_> = (0..n)
+        .map(|_| {
+            let client = client.clone();
+            let req = Request::get(tg.url("/")).body(empty()).unwrap();
+            tokio::spawn(async move { send(&client, req).await })
+        })
+        .collect();
+    let mut statuses = std::collections::BTreeMap::new();
+    for request in requests {
+        let (status, _, _) = request.await.unwrap().unwrap();
+        *statuses.entry(status.as_u16()).or_insert(0) += 1;
+    }
+    statuses
+}
+
 async fn get_ok(url: &str) {
     let (status, _, body) = get(url).await.unwrap();
     assert_eq!((status, body.as_str()), (StatusCode::OK, "ok"));
@@ -306,18 +324,7 @@ async fn a_response_finished_in_the_background_gives_its_connection_back() {
 async fn http2_to_the_app_shares_one_connection_from_the_first_burst() {
     let app = ok_upstream().await;
     let tg = tidegate(app.addr, &["--upstream-http2"]).await;
-    let client = client();
-    let burst: Vec<_> = (0..16)
-        .map(|_| {
-            let client = client.clone();
-            let req = Request::get(tg.url("/")).body(empty()).unwrap();
-            tokio::spawn(async move { send(&client, req).await })
-        })
-        .collect();
-    for request in burst {
-        let (status, _, _) = request.await.unwrap().unwrap();
-        assert_eq!(status, StatusCode::OK);
-    }
+    assert_eq!(burst(&tg, 16).await, [(200, 16)].into(), "statuses");
     assert_eq!(app.hits.load(Ordering::SeqCst), 16);
     assert_eq!(
         app.connections.load(Ordering::SeqCst),
@@ -454,19 +461,6 @@ async fn h2_app_with_a_stream_limit() -> (std::net::SocketAddr, Arc<std::sync::a
 async fn http2_to_an_app_with_a_stream_limit_refuses_nothing_of_the_first_burst() {
     let (addr, accepted) = h2_app_with_a_stream_limit().await;
     let tg = tidegate(addr, &["--upstream-http2"]).await;
-    let client = client();
-    let burst: Vec<_> = (0..64)
-        .map(|_| {
-            let client = client.clone();
-            let req = Request::get(tg.url("/")).body(empty()).unwrap();
-            tokio::spawn(async move { send(&client, req).await })
-        })
-        .collect();
-    let mut statuses = std::collections::BTreeMap::new();
-    for request in burst {
-        let (status, _, _) = request.await.unwrap().unwrap();
-        *statuses.entry(status.as_u16()).or_insert(0) += 1;
-    }
-    assert_eq!(statuses, [(200, 64)].into(), "statuses");
+    assert_eq!(burst(&tg, 64).await, [(200, 64)].into(), "statuses");
     assert_eq!(accepted.load(Ordering::SeqCst), 64);
 }
