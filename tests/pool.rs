@@ -249,6 +249,41 @@ async fn a_zero_idle_timeout_opens_a_connection_per_request() {
     .await;
 }
 
+/// An app that announces a 2 s keep-alive timeout (`Keep-Alive: timeout=2`, as Node.js sends
+/// `timeout=5`): tidegate keeps using an idle connection well within that, and stops after
+/// three quarters of it (1.5 s), before the app would close it, although its own
+/// `--upstream-idle-timeout` is the default 30 s.
+#[tokio::test]
+async fn an_app_announcing_its_keep_alive_timeout_gets_new_connections_before_it() {
+    let app = upstream(|_req| async {
+        let mut response = Response::new(full("ok"));
+        response
+            .headers_mut()
+            .insert("keep-alive", http::HeaderValue::from_static("timeout=2"));
+        response
+    })
+    .await;
+    let tg = tidegate(app.addr, &[]).await;
+    get_ok(&tg.url("/")).await;
+    // Not synchronisation: the connection's idle time is the condition under test.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    get_ok(&tg.url("/")).await;
+    assert_eq!(app.connections.load(Ordering::SeqCst), 1, "reused at 0.5 s");
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    get_ok(&tg.url("/")).await;
+    assert_eq!(
+        app.connections.load(Ordering::SeqCst),
+        2,
+        "a new one at 1.6 s"
+    );
+    eventually(
+        "tidegate closed the idle connection",
+        Duration::from_secs(10),
+        || app.connections_ended.load(Ordering::SeqCst) >= 1,
+    )
+    .await;
+}
+
 /// An app that closes its socket right after each response, without `Connection: close`:
 /// tidegate sees the close and opens a new connection for the next request, so no client gets
 /// a 502 for a connection that was dead when it was picked.

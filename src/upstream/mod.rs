@@ -126,12 +126,15 @@ impl Client {
     ) -> Result<(Response<Incoming>, Option<Lease>), SendError> {
         // Idle connections first; what breaks out of the loop goes on a new connection.
         let on_new = loop {
-            let Some((mut sender, idle_since)) = pool.checkout() else {
+            let Some((mut sender, idle_for)) = pool.checkout() else {
                 break request;
             };
-            let (sending, replay) = replay::hand_over(&mut sender, request, idle_since);
+            let (sending, replay) = replay::hand_over(&mut sender, request, idle_for);
             match sending.await {
-                Ok(response) => return Ok((response, Some(Lease::new(sender, pool)))),
+                Ok(response) => {
+                    pool.heed_keep_alive(&response);
+                    return Ok((response, Some(Lease::new(sender, pool))));
+                }
                 Err(mut error) => match (error.take_message(), replay) {
                     (Some(unsent), _) => request = unsent,
                     (None, Some(copy)) if replay::closed_before_answer(error.error()) => {
@@ -161,7 +164,10 @@ impl Client {
     ) -> Result<(Response<Incoming>, Option<Lease>), SendError> {
         let mut sender = self.open_http1().await?;
         match sender.try_send_request(request).await {
-            Ok(response) => Ok((response, Some(Lease::new(sender, pool)))),
+            Ok(response) => {
+                pool.heed_keep_alive(&response);
+                Ok((response, Some(Lease::new(sender, pool))))
+            }
             Err(error) => Err(SendError::Exchange(error.into_error())),
         }
     }

@@ -3,12 +3,18 @@
 //! A connection is put back only once its exchange is over (the response body was read to its
 //! end), so every connection on the stack is between messages. The most recently used is taken
 //! first: after a burst, the extra connections stay at the bottom and age out.
+//!
+//! Connections idle longer than `--upstream-idle-timeout` are closed, and never taken. An app
+//! that announces its own keep-alive timeout (`Keep-Alive: timeout=N` on its responses, as
+//! Node.js and Apache do) shortens that to three quarters of what it announced, so tidegate
+//! stops using a connection before the app closes it.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
+use http::{HeaderName, HeaderValue, Response};
 use hyper::client::conn::http1::SendRequest;
 use tokio::time::Instant;
 
@@ -20,13 +26,18 @@ use crate::config::LiveConfig;
 /// shorter.
 const REAP_EVERY: Duration = Duration::from_secs(10);
 
+/// `Keep-Alive`, in which an app may announce its keep-alive timeout.
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+
 /// The idle connections of one upstream (one per runtime in per-thread mode).
 #[derive(Debug)]
 pub(super) struct Pool {
     /// Oldest at the front; taken from the back.
     idle: Mutex<VecDeque<Idle>>,
-    /// For `--upstream-idle-timeout`, read when a connection is put back.
+    /// For `--upstream-idle-timeout`, read when a connection is taken or put back.
     live: LiveConfig,
+    /// The keep-alive timeout the app last announced, in milliseconds; `u64::MAX` if none.
+    announced_ms: AtomicU64,
     reaper_started: AtomicBool,
 }
 
@@ -53,20 +64,25 @@ impl Pool {
         Pool {
             idle: Mutex::new(VecDeque::new()),
             live,
+            announced_ms: AtomicU64::new(u64::MAX),
             reaper_started: AtomicBool::new(false),
         }
     }
 
-    /// The most recently used idle connection that is ready for a request, if any, and since
-    /// when it has been idle. Closed connections met on the way are dropped; those whose
-    /// connection task has not yet caught up with the end of their last exchange are moved to
-    /// the bottom, for later.
-    pub(super) fn checkout(&self) -> Option<(SendRequest<RequestBody>, Instant)> {
+    /// The most recently used idle connection that is ready for a request, if any, and how
+    /// long it has been idle. Connections idle for the timeout or longer are closed first, so
+    /// none is taken that the reaper has not yet come to. Closed connections met on the way
+    /// are dropped; those whose connection task has not yet caught up with the end of their
+    /// last exchange are moved to the bottom, for later.
+    pub(super) fn checkout(&self) -> Option<(SendRequest<RequestBody>, Duration)> {
+        let timeout = self.timeout();
+        let now = Instant::now();
         let mut idle = self.lock();
+        expire(&mut idle, now, timeout);
         for _ in 0..idle.len() {
             let entry = idle.pop_back()?;
             if entry.sender.is_ready() {
-                return Some((entry.sender, entry.since));
+                return Some((entry.sender, now.saturating_duration_since(entry.since)));
             }
             if !entry.sender.is_closed() {
                 idle.push_front(entry);
@@ -95,9 +111,34 @@ impl Pool {
         }
     }
 
-    /// `--upstream-idle-timeout`, as it is now (reloads apply).
+    /// Records the keep-alive timeout the app announces in `response`'s `Keep-Alive` field
+    /// (`timeout=N`, in seconds), if it has one.
+    pub(super) fn heed_keep_alive<B>(&self, response: &Response<B>) {
+        // One pass over the names without hashing: most responses have no such field.
+        let mut fields = response.headers().iter();
+        let Some((_, field)) = fields.find(|(name, _)| *name == KEEP_ALIVE) else {
+            return;
+        };
+        let Some(seconds) = announced_timeout(field) else {
+            return;
+        };
+        let ms = seconds.saturating_mul(1000);
+        if self.announced_ms.swap(ms, Ordering::Relaxed) != ms {
+            tracing::debug!(
+                seconds,
+                "The app announces a keep-alive timeout; idle connections to it close earlier"
+            );
+        }
+    }
+
+    /// How long a connection may stay idle: `--upstream-idle-timeout` as it is now (reloads
+    /// apply), or three quarters of the keep-alive timeout the app announced, if shorter.
     fn timeout(&self) -> Duration {
-        self.live.peek().args.upstream_idle_timeout
+        let configured = self.live.peek().args.upstream_idle_timeout;
+        match self.announced_ms.load(Ordering::Relaxed) {
+            u64::MAX => configured,
+            ms => configured.min(Duration::from_millis(ms / 4 * 3)),
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, VecDeque<Idle>> {
@@ -107,6 +148,18 @@ impl Pool {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
+}
+
+/// The `timeout=N` parameter of a `Keep-Alive` field, in seconds (RFC 2068's syntax:
+/// comma-separated `name=value` pairs).
+fn announced_timeout(field: &HeaderValue) -> Option<u64> {
+    field.to_str().ok()?.split(',').find_map(|pair| {
+        let (name, value) = pair.split_once('=')?;
+        if !name.trim().eq_ignore_ascii_case("timeout") {
+            return None;
+        }
+        value.trim().trim_matches('"').parse().ok()
+    })
 }
 
 /// Drops connections idle for `timeout` or longer by `now`, oldest first.
@@ -157,5 +210,22 @@ impl Lease {
                 }
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_announced_timeout_is_read_from_the_keep_alive_field() {
+        let read = |text: &'static str| announced_timeout(&HeaderValue::from_static(text));
+        assert_eq!(read("timeout=5"), Some(5));
+        assert_eq!(read("timeout=5, max=1000"), Some(5));
+        assert_eq!(read("max=100, Timeout = 2"), Some(2));
+        assert_eq!(read("timeout=\"7\""), Some(7));
+        assert_eq!(read("max=100"), None);
+        assert_eq!(read("timeout=soon"), None);
+        assert_eq!(read("timeout=-1"), None);
     }
 }

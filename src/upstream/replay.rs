@@ -19,7 +19,6 @@ use http_body::Body;
 use hyper::body::Incoming;
 use hyper::client::conn::TrySendError;
 use hyper::client::conn::http1::SendRequest;
-use tokio::time::Instant;
 
 use crate::body::RequestBody;
 
@@ -35,30 +34,30 @@ pub(super) const AT_RISK_AFTER: Duration = Duration::from_millis(50);
 pub(super) type Attempt = Result<Response<Incoming>, TrySendError<Request<RequestBody>>>;
 
 /// Hands `request` to `sender`, a reused connection, and keeps a copy of it to send again
-/// (boxed) if the connection has been idle since `idle_since` for [`AT_RISK_AFTER`] or
-/// longer and the request may be sent again (see [`copy`]).
+/// (boxed) if the connection has been idle for [`AT_RISK_AFTER`] or longer and the request
+/// may be sent again (see [`copy`]).
 ///
 /// The request is taken by value, not borrowed by the caller: an `async fn` keeps a borrowed
 /// local in its future across every await, which would double the request's room in it.
 pub(super) fn hand_over(
     sender: &mut SendRequest<RequestBody>,
     request: Request<RequestBody>,
-    idle_since: Instant,
+    idle_for: Duration,
 ) -> (
     impl Future<Output = Attempt> + use<>,
     Option<Box<Request<RequestBody>>>,
 ) {
-    let replay = copy_if_at_risk(&request, idle_since);
+    let replay = copy_if_at_risk(&request, idle_for);
     (sender.try_send_request(request), replay)
 }
 
-/// A copy of `request`, boxed, if it goes out on a connection idle since `idle_since` for
-/// [`AT_RISK_AFTER`] or longer and it may be sent again (see [`copy`]).
+/// A copy of `request`, boxed, if it goes out on a connection idle for `idle_for`, at least
+/// [`AT_RISK_AFTER`], and it may be sent again (see [`copy`]).
 fn copy_if_at_risk(
     request: &Request<RequestBody>,
-    idle_since: Instant,
+    idle_for: Duration,
 ) -> Option<Box<Request<RequestBody>>> {
-    if idle_since.elapsed() < AT_RISK_AFTER {
+    if idle_for < AT_RISK_AFTER {
         return None;
     }
     copy(request).map(Box::new)
