@@ -405,16 +405,22 @@ async fn requests_at_the_apps_keep_alive_timeout_get_no_502() {
     assert!(sent >= 50, "only {sent} requests in 30 s");
 }
 
-/// The race made certain: the app reads the second request, which came on the connection
-/// the first one used, and closes it without an answer. The GET is sent again on a new
-/// connection and answered.
-#[tokio::test]
-async fn a_get_a_reused_connection_drops_is_sent_again_on_a_new_one() {
+/// The race made certain: an app that reads its second request, which comes on the
+/// connection the first one used, and closes it without an answer; tidegate, with that
+/// connection idle long enough for the second request to be at risk.
+async fn second_request_dropped_on_an_idle_connection() -> (RawApp, Tidegate) {
     let app = raw_app(Conduct::DropNth(2)).await;
     let tg = tidegate(app.addr, &[]).await;
     get_ok(&tg.url("/first")).await;
     // Not synchronisation: the connection's idle time is the condition under test.
     tokio::time::sleep(AT_RISK).await;
+    (app, tg)
+}
+
+/// The GET a reused connection drops is sent again on a new connection and answered.
+#[tokio::test]
+async fn a_get_a_reused_connection_drops_is_sent_again_on_a_new_one() {
+    let (app, tg) = second_request_dropped_on_an_idle_connection().await;
     get_ok(&tg.url("/second")).await;
     assert_eq!(
         app.requests.load(Ordering::SeqCst),
@@ -434,10 +440,7 @@ async fn a_get_a_reused_connection_drops_is_sent_again_on_a_new_one() {
 /// A request with a body is not sent again: its body has been streamed out.
 #[tokio::test]
 async fn a_request_with_a_body_is_not_sent_again() {
-    let app = raw_app(Conduct::DropNth(2)).await;
-    let tg = tidegate(app.addr, &[]).await;
-    get_ok(&tg.url("/first")).await;
-    tokio::time::sleep(AT_RISK).await;
+    let (app, tg) = second_request_dropped_on_an_idle_connection().await;
     let req = Request::put(tg.url("/second")).body(full("data")).unwrap();
     let (status, headers, _) = send(&client(), req).await.unwrap();
     assert_eq!(status, StatusCode::BAD_GATEWAY);

@@ -132,8 +132,8 @@ impl Client {
             let (sending, replay) = replay::hand_over(&mut sender, request, idle_for);
             match sending.await {
                 Ok(response) => {
-                    pool.heed_keep_alive(&response);
-                    return Ok((response, Some(Lease::new(sender, pool))));
+                    let lease = Lease::new(sender, pool, response.headers());
+                    return Ok((response, Some(lease)));
                 }
                 Err(mut error) => match (error.take_message(), replay) {
                     (Some(unsent), _) => request = unsent,
@@ -165,8 +165,8 @@ impl Client {
         let mut sender = self.open_http1().await?;
         match sender.try_send_request(request).await {
             Ok(response) => {
-                pool.heed_keep_alive(&response);
-                Ok((response, Some(Lease::new(sender, pool))))
+                let lease = Lease::new(sender, pool, response.headers());
+                Ok((response, Some(lease)))
             }
             Err(error) => Err(SendError::Exchange(error.into_error())),
         }

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
-use http::{HeaderName, HeaderValue, Response};
+use http::{HeaderMap, HeaderName, HeaderValue};
 use hyper::client::conn::http1::SendRequest;
 use tokio::time::Instant;
 
@@ -111,11 +111,11 @@ impl Pool {
         }
     }
 
-    /// Records the keep-alive timeout the app announces in `response`'s `Keep-Alive` field
+    /// Records the keep-alive timeout the app announces in a response's `Keep-Alive` field
     /// (`timeout=N`, in seconds), if it has one.
-    pub(super) fn heed_keep_alive<B>(&self, response: &Response<B>) {
+    fn heed_keep_alive(&self, headers: &HeaderMap) {
         // One pass over the names without hashing: most responses have no such field.
-        let mut fields = response.headers().iter();
+        let mut fields = headers.iter();
         let Some((_, field)) = fields.find(|(name, _)| *name == KEEP_ALIVE) else {
             return;
         };
@@ -190,8 +190,14 @@ async fn reap(pool: Weak<Pool>) {
 // === impl Lease ===
 
 impl Lease {
-    /// Lends `sender`, which belongs to `pool`.
-    pub(super) fn new(sender: SendRequest<RequestBody>, pool: Arc<Pool>) -> Lease {
+    /// Lends `sender`, which belongs to `pool`, for the exchange whose response came with
+    /// `headers`; the pool heeds the keep-alive timeout the app may announce in them.
+    pub(super) fn new(
+        sender: SendRequest<RequestBody>,
+        pool: Arc<Pool>,
+        headers: &HeaderMap,
+    ) -> Lease {
+        pool.heed_keep_alive(headers);
         Lease { sender, pool }
     }
 
