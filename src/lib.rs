@@ -1,21 +1,29 @@
 //! tidegate: a sidecar reverse proxy that keeps a service up through overload and deploys.
 //!
-//! Two lanes, two runtimes:
+//! The modules are the stages a request passes through, in order:
 //!
-//! - **Proxy lane** ([`serve`], [`stack`]): the proxy runtime accepts client connections and
-//!   serves each with the tower stack *record metrics → `Connection: close` on shutdown →
-//!   rescue errors → request limits ([`screen`]) → coalescing ([`coalesce`]) → admission
-//!   ([`limit`]: fixed or adaptive limit, ordered queue) → [`proxy`]*, which forwards to the
-//!   app over a pooled client and streams bodies both ways.
-//! - **Reserved lane** ([`admin`]): its own OS thread and current-thread runtime answer
-//!   `/livez`, `/readyz`, `/app/livez`, `/metrics`, `/state`, `/prestop` and `/drain` from cached
-//!   [`health`] state, and run the app's active health checks, so a saturated proxy or app
-//!   cannot make a probe wait.
+//! - [`inbound`]: the proxy lane's server side. The listener accepts client connections and
+//!   serves each with hyper over the stack, with the connection-level timeouts and HTTP/1
+//!   parking.
+//! - [`stack`]: the tower layers, outermost first: *record → close-on-shutdown → rescue →
+//!   screen → route → coalesce → limit*. `route` classifies a request once; the layers after
+//!   it read that one typed value.
+//! - [`admission`]: the limiter the `limit` layer asks: fixed or adaptive limit, per-route
+//!   bulkheads and one ordered, bounded queue.
+//! - [`outbound`]: the proxy service and its client: bodies both ways, headers, upgrades and
+//!   the pool of connections to the app.
 //!
-//! Shutdown ([`drain`]) walks *delay → drain → exit*: readiness fails at once, traffic is
-//! still served for `--shutdown-delay`, then listeners close and in-flight work finishes
-//! within `--drain-timeout`. [`server`] wires it all; [`supervise`] runs the app as a child
-//! process when tidegate is the container's entrypoint.
+//! Beside the request path:
+//!
+//! - [`admin`]: the reserved lane, on its own OS thread and current-thread runtime, answers
+//!   `/livez`, `/readyz`, `/app/livez`, `/metrics`, `/state`, `/prestop` and `/drain` from
+//!   cached health state and runs the app's health checks, so a saturated proxy or app cannot
+//!   make a probe wait.
+//! - [`drain`]: the shutdown phases every lane watches (*serving → delay → drain → exit*).
+//! - [`app`]: the process: binds the listeners, spawns the lanes, walks the shutdown sequence,
+//!   handles signals and reloads, and runs the app as a child in supervisor mode.
+//! - [`config`]: every setting (flag, environment variable, file key), validated once.
+//! - [`metrics`], [`error`] and [`check`] (`tidegate check`, the manifest linter).
 
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
@@ -24,29 +32,19 @@
 #![deny(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod admin;
-pub mod body;
+pub mod admission;
+pub mod app;
 pub mod check;
-pub mod coalesce;
 pub mod config;
 pub mod drain;
 pub mod error;
-pub mod health;
-pub mod limit;
-pub mod logging;
+pub mod inbound;
 pub mod metrics;
-pub mod proxy;
-pub mod reload;
-pub mod rescue;
-pub mod screen;
-pub mod serve;
-pub mod server;
-pub mod signals;
+pub mod outbound;
 pub mod stack;
-pub mod supervise;
-pub mod upstream;
 
+pub use crate::app::{Running, Server, StartError};
 pub use crate::config::{Args, Config};
-pub use crate::server::{Running, Server, StartError};
 
 /// Exit code when a flag or the configuration is invalid, or a listener cannot be bound.
 pub const EXIT_CONFIG: i32 = 2;

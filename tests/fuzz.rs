@@ -17,9 +17,9 @@ use http::Method;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use proptest::prelude::*;
 use proptest::test_runner::Config as ProptestConfig;
+use tidegate::config::route::{PathMatch, RouteSpec, RouteTable};
 use tidegate::config::{ConfigError, FileError};
-use tidegate::limit::{PathMatch, RouteSpec, RouteTable};
-use tidegate::proxy::headers;
+use tidegate::outbound::headers;
 
 fn cases(default: u32) -> ProptestConfig {
     let cases = std::env::var("TIDEGATE_FUZZ_CASES")

@@ -128,7 +128,7 @@ pub fn main(argv: impl IntoIterator<Item = String>) -> i32 {
     let report = match check(&args) {
         Ok(report) => report,
         Err(error) => {
-            eprintln!("tidegate check: {}", crate::rescue::ErrorChain(&error));
+            eprintln!("tidegate check: {}", crate::error::ErrorChain(&error));
             return 2;
         }
     };

@@ -12,12 +12,11 @@ use http::Method;
 use ipnet::IpNet;
 use serde::{Deserialize, Deserializer};
 
+use super::route::{PathMatch, Priority, RouteSpec};
 use super::{
-    Args, ClientAbort, LogFormat, MaxConcurrency, RuntimeMode, Upstream, parse_cidr,
+    Algorithm, Args, ClientAbort, LogFormat, MaxConcurrency, RuntimeMode, Upstream, parse_cidr,
     parse_header_name, parse_max_concurrency, parse_upstream,
 };
-use crate::limit::adaptive::Algorithm;
-use crate::limit::{PathMatch, Priority, RouteSpec};
 
 /// A config file that cannot be used.
 #[derive(Debug, thiserror::Error)]

@@ -7,6 +7,7 @@
 //! once, before any socket is bound, and again on every reload.
 
 mod file;
+pub mod route;
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -18,12 +19,11 @@ use arc_swap::ArcSwap;
 use bytesize::ByteSize;
 use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
 use ipnet::IpNet;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 pub use self::file::FileError;
 pub(crate) use self::file::content_hash;
-use crate::limit::adaptive::{AdaptiveConfig, Algorithm};
-use crate::limit::{ClassifyConfig, Discipline, LimitConfig, RouteSpec};
+pub use self::route::{PathMatch, Priority, RouteSpec, RouteTable};
 
 /// Parsed command line of the `tidegate` binary.
 #[derive(Debug, Clone, Parser)]
@@ -349,6 +349,16 @@ pub enum ClientAbort {
     Finish,
     /// Close the upstream request at once.
     Cancel,
+}
+
+/// How the limit moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Algorithm {
+    /// Scale by the ratio of no-load to recent latency (Gradient2-like).
+    Gradient,
+    /// Additive increase, multiplicative decrease on latency above the tolerance.
+    Aimd,
 }
 
 /// Log output format.
@@ -697,37 +707,6 @@ impl Config {
         self.file_hash
     }
 
-    /// The limiter's settings.
-    pub fn limit_config(&self) -> LimitConfig {
-        let a = &self.args;
-        LimitConfig {
-            max_concurrency: a.fixed_concurrency(),
-            adaptive: (a.max_concurrency == Some(MaxConcurrency::Auto)).then_some(AdaptiveConfig {
-                algorithm: a.adaptive_algorithm,
-                min: a.min_concurrency,
-                max: a.max_concurrency_ceiling,
-            }),
-            reserved_slots: a.reserved_slots,
-            discipline: Discipline {
-                codel_target: a.queue_codel_target,
-                codel_interval: a.queue_codel_interval,
-                lifo: a.queue_lifo,
-            },
-            classify: ClassifyConfig {
-                priority_header: a.priority_header.clone(),
-                retry_header: a.retry_header.clone(),
-                retry_memory: a.retry_memory,
-            },
-            retry_after_estimate: a
-                .retry_after_from_queue
-                .then_some((a.retry_after, a.retry_after_max)),
-            max_queue: self.max_queue(),
-            queue_timeout: self.args.queue_timeout,
-            routes: self.args.routes.clone(),
-            max_request_body: self.args.max_request_body.map(|b| b.as_u64()),
-        }
-    }
-
     /// Effective queue bound: `--max-queue`, else the global limit (the ceiling for `auto`),
     /// else the sum of the route limits.
     pub fn max_queue(&self) -> usize {
@@ -885,12 +864,12 @@ mod tests {
         let cfg = parse(&["--max-concurrency", "auto"]).unwrap();
         assert_eq!(cfg.args.max_concurrency, Some(MaxConcurrency::Auto));
         assert_eq!(cfg.max_queue(), 512, "the queue defaults to the ceiling");
-        let limits = cfg.limit_config();
+        let limits = crate::admission::LimitConfig::new(&cfg);
         assert_eq!(limits.max_concurrency, None);
         assert_eq!(limits.adaptive.unwrap().min, 4);
         let cfg = parse(&["--max-concurrency", "50"]).unwrap();
         assert_eq!(cfg.args.fixed_concurrency(), Some(50));
-        assert!(cfg.limit_config().adaptive.is_none());
+        assert!(crate::admission::LimitConfig::new(&cfg).adaptive.is_none());
         for (args, names) in [
             (&["--max-concurrency", "0"][..], "--max-concurrency"),
             (&["--max-concurrency", "lots"], "--max-concurrency"),

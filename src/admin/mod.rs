@@ -1,0 +1,315 @@
+//! The reserved lane: an admin listener on its own OS thread and its own current-thread
+//! runtime, so probes are answered even when the proxy runtime is saturated.
+//!
+//! | endpoint         | answer |
+//! |------------------|--------|
+//! | `GET /livez`     | 200 while the proxy runtime's heartbeat is fresh (also during shutdown) |
+//! | `GET /readyz`    | 200 when serving and the app passed its checks; 503 + reason otherwise |
+//! | `GET /app/livez` | 200 while the app makes progress (passed a check or completed a response) |
+//! | `GET /metrics`   | Prometheus text format |
+//! | `GET /prestop`   | starts shutdown if needed; answers 200 once the drain is over |
+//! | `POST /drain`    | starts shutdown, answers 202 at once |
+//!
+//! The app's active health checks run on this runtime too, off the proxy's.
+
+mod app_check;
+pub mod health;
+
+use std::convert::Infallible;
+use std::io;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
+
+pub use self::app_check::AppChecker;
+use self::health::HealthState;
+use crate::drain::DrainOutcome;
+
+/// The running admin lane.
+#[derive(Debug)]
+pub struct AdminHandle {
+    stop: Arc<Notify>,
+    done: std::sync::mpsc::Receiver<()>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+type AdminResponse = Response<Full<Bytes>>;
+
+/// Starts the admin lane on its own thread and runtime, with the app checker beside it.
+pub fn spawn(
+    listener: std::net::TcpListener,
+    health: HealthState,
+    checker: AppChecker,
+) -> io::Result<AdminHandle> {
+    listener.set_nonblocking(true)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let stop = Arc::new(Notify::new());
+    let (done_tx, done) = std::sync::mpsc::channel();
+    let stop_rx = stop.clone();
+    let thread = std::thread::Builder::new()
+        .name("tidegate-admin".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                match tokio::net::TcpListener::from_std(listener) {
+                    Ok(listener) => {
+                        tokio::spawn(checker.run());
+                        serve(listener, health, stop_rx).await;
+                    }
+                    Err(error) => tracing::error!(%error, "Admin listener failed"),
+                }
+            });
+            let _ = done_tx.send(());
+        })?;
+    Ok(AdminHandle {
+        stop,
+        done,
+        thread: Some(thread),
+    })
+}
+
+/// Admin connections open at once at most; more are closed at accept.
+const MAX_ADMIN_CONNECTIONS: usize = 256;
+/// Largest request head the admin lane reads (its requests are short).
+const ADMIN_MAX_HEADER_BYTES: usize = 8 * 1024;
+
+async fn serve(listener: tokio::net::TcpListener, health: HealthState, stop: Arc<Notify>) {
+    let connections = TaskTracker::new();
+    let (closing_tx, closing) = watch::channel(false);
+    let stopped = stop.notified();
+    tokio::pin!(stopped);
+    loop {
+        let accepted = tokio::select! {
+            _ = &mut stopped => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(conn) => conn,
+            Err(error) => {
+                tracing::debug!(%error, "Admin accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        if connections.len() >= MAX_ADMIN_CONNECTIONS {
+            // Probes keep their lane: a flood of admin connections is closed, not queued.
+            tracing::debug!(client.addr = %peer, "Admin connection limit reached; closing");
+            continue;
+        }
+        let _ = stream.set_nodelay(true);
+        let health = health.clone();
+        let peer = peer.ip().to_canonical();
+        let mut closing = closing.clone();
+        connections.spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let health = health.clone();
+                async move { Ok::<_, Infallible>(handle(req, &health, peer).await) }
+            });
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .max_header_size(ADMIN_MAX_HEADER_BYTES)
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                _ = closing.wait_for(|c| *c) => {}
+            }
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        });
+    }
+    // Answers in progress (a /prestop waiting for the drain) are finished and flushed.
+    drop(listener);
+    let _ = closing_tx.send(true);
+    connections.close();
+    let _ = tokio::time::timeout(Duration::from_secs(2), connections.wait()).await;
+}
+
+async fn handle(req: Request<Incoming>, health: &HealthState, peer: IpAddr) -> AdminResponse {
+    let start = Instant::now();
+    let path = req.uri().path();
+    let (label, response) = match (req.method(), path) {
+        (&Method::GET | &Method::HEAD, "/livez") => ("/livez", verdict(health.livez())),
+        (&Method::GET | &Method::HEAD, "/readyz") => ("/readyz", verdict(health.readyz())),
+        (&Method::GET | &Method::HEAD, "/app/livez") => ("/app/livez", verdict(health.app_livez())),
+        (&Method::GET, "/metrics") => ("/metrics", metrics(health)),
+        (&Method::GET, "/state") => ("/state", state(health)),
+        (&Method::GET, "/prestop") => match unauthorized(&req, health, peer) {
+            None => ("/prestop", prestop(health).await),
+            Some(denied) => ("/prestop", denied),
+        },
+        (&Method::POST | &Method::PUT, "/drain") => match unauthorized(&req, health, peer) {
+            None => ("/drain", drain(health)),
+            Some(denied) => ("/drain", denied),
+        },
+        (
+            _,
+            "/livez" | "/readyz" | "/app/livez" | "/metrics" | "/state" | "/prestop" | "/drain",
+        ) => (
+            "other",
+            text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed\n".into(),
+            ),
+        ),
+        _ => ("other", text(StatusCode::NOT_FOUND, "not found\n".into())),
+    };
+    let metrics = health.metrics();
+    metrics
+        .probes
+        .with_label_values(&[label, response.status().as_str()])
+        .inc();
+    metrics
+        .probe_duration
+        .with_label_values(&[label])
+        .observe(start.elapsed().as_secs_f64());
+    response
+}
+
+/// The endpoints that stop the pod: with `--admin-allow`, only clients in one of the CIDRs may
+/// call them (403 otherwise); with `--admin-token`, they need `Authorization: Bearer TOKEN`
+/// (kubelet sends it from the preStop hook's `httpHeaders`; 401 otherwise). Returns the
+/// refusal, if any.
+fn unauthorized(
+    req: &Request<Incoming>,
+    health: &HealthState,
+    peer: IpAddr,
+) -> Option<AdminResponse> {
+    let config = health.live().load();
+    let allow = &config.args.admin_allow;
+    if !allow.is_empty() && !allow.iter().any(|net| net.contains(&peer)) {
+        tracing::warn!(client.addr = %peer, "Refused a shutdown request from outside --admin-allow");
+        return Some(text(
+            StatusCode::FORBIDDEN,
+            "client not in --admin-allow\n".into(),
+        ));
+    }
+    let token = config.args.admin_token.as_ref()?;
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    if constant_time_eq(given.as_bytes(), token.as_bytes()) {
+        return None;
+    }
+    tracing::warn!("Refused an unauthenticated shutdown request on the admin lane");
+    let mut rsp = text(StatusCode::UNAUTHORIZED, "admin token required\n".into());
+    rsp.headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    Some(rsp)
+}
+
+/// Compares without an early exit, so the time taken does not reveal the matching prefix.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn verdict(result: Result<(), String>) -> AdminResponse {
+    match result {
+        Ok(()) => text(StatusCode::OK, "ok\n".into()),
+        Err(reason) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n")),
+    }
+}
+
+fn metrics(health: &HealthState) -> AdminResponse {
+    // Refresh the gauges that are computed rather than counted.
+    let _ = health.readyz();
+    let metrics = health.metrics();
+    metrics
+        .shutdown_phase
+        .set(health.lifecycle().phase() as i64);
+    health.limiter().publish_gauges();
+    let mut rsp = Response::new(Full::new(Bytes::from(metrics.encode())));
+    rsp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    rsp
+}
+
+/// `GET /state`: what admission control is doing and every knob that shapes it, as JSON.
+fn state(health: &HealthState) -> AdminResponse {
+    let view = serde_json::json!({
+        "ready": health.readyz().is_ok(),
+        "phase": format!("{:?}", health.lifecycle().phase()).to_lowercase(),
+        "limiter": health.limiter().state(),
+        "coalesce_waiting": health.metrics().coalesce_waiting.get(),
+        "coalesce_cache": {
+            "entries": health.metrics().coalesce_cache_entries.get(),
+            "bytes": health.metrics().coalesce_cache_bytes.get(),
+            "max_bytes": health.live().peek().args.coalesce_cache_size.as_u64(),
+        },
+    });
+    let mut rsp = Response::new(Full::new(Bytes::from(format!("{view:#}\n"))));
+    rsp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    rsp
+}
+
+async fn prestop(health: &HealthState) -> AdminResponse {
+    let lifecycle = health.lifecycle();
+    if lifecycle.start_shutdown() {
+        tracing::info!("Shutdown requested by GET /prestop");
+    }
+    match lifecycle.outcome().await {
+        DrainOutcome::Complete => text(StatusCode::OK, "drained\n".into()),
+        DrainOutcome::TimedOut { in_flight, .. } => text(
+            StatusCode::OK,
+            format!("drain timed out with {in_flight} requests in flight\n"),
+        ),
+    }
+}
+
+fn drain(health: &HealthState) -> AdminResponse {
+    if health.lifecycle().start_shutdown() {
+        tracing::info!("Shutdown requested by POST /drain");
+    }
+    text(
+        StatusCode::ACCEPTED,
+        format!("shutting down ({})\n", health.lifecycle().phase().as_str()),
+    )
+}
+
+fn text(status: StatusCode, body: String) -> AdminResponse {
+    let mut rsp = Response::new(Full::new(Bytes::from(body)));
+    *rsp.status_mut() = status;
+    rsp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    rsp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    rsp
+}
+
+// === impl AdminHandle ===
+
+impl AdminHandle {
+    /// Stops the admin lane: answers in progress are sent, then the thread ends. Waits at
+    /// most `wait`.
+    pub fn shutdown(mut self, wait: Duration) {
+        self.stop.notify_one();
+        if self.done.recv_timeout(wait).is_ok()
+            && let Some(thread) = self.thread.take()
+        {
+            let _ = thread.join();
+        }
+    }
+}

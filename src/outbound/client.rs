@@ -1,0 +1,253 @@
+//! The client side of the proxy: connections to the app, and sending one request over one.
+//!
+//! HTTP/1.1 connections are pooled ([`pool`]): a request takes the most recently used idle
+//! connection or opens a new one, and its response body gives the connection back when it has
+//! been read to the end. With `--upstream-http2`, all requests share one connection, reopened
+//! when it closes. Each connection is driven by a task of its own.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use futures_util::future::Either;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use prometheus::IntCounter;
+
+pub use super::pool::Lease;
+use super::pool::Pool;
+use super::{connect, replay};
+use crate::config::{LiveConfig, Upstream};
+use crate::error::BoxError;
+use crate::outbound::request_body::RequestBody;
+
+/// Sends requests to the app. Cheap to clone; clones share the pool.
+#[derive(Clone, Debug)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+/// Why a request got no response head from the app.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// No connection could be opened: the cause is
+    /// [`UpstreamConnect`](crate::error::UpstreamConnect) or
+    /// [`UpstreamConnectTimeout`](crate::error::UpstreamConnectTimeout).
+    #[error("no connection to the app")]
+    Connect(#[source] BoxError),
+    /// A new connection failed its HTTP handshake.
+    #[error("HTTP handshake with the app failed")]
+    Handshake(#[source] hyper::Error),
+    /// The request was handed to a connection, which failed before the response head came
+    /// (the app closed or reset it, or the client's body failed).
+    #[error("exchange with the app failed")]
+    Exchange(#[source] hyper::Error),
+}
+
+#[derive(Debug)]
+struct Inner {
+    upstream: Upstream,
+    live: LiveConfig,
+    protocol: Protocol,
+    /// `tidegate_upstream_replays_total`.
+    replays: IntCounter,
+}
+
+#[derive(Debug)]
+enum Protocol {
+    Http1(Arc<Pool>),
+    /// The shared connection; the lock is held while it is (re)opened, so a burst opens one.
+    Http2(Arc<tokio::sync::Mutex<Option<http2::SendRequest<RequestBody>>>>),
+}
+
+// === impl Client ===
+
+impl Client {
+    /// A client for the app in `live`'s config (fixed at start, as is the protocol:
+    /// `http2` for `--upstream-http2`); the connect timeout is read per connection. `replays`
+    /// counts the requests sent again after the keep-alive race.
+    pub fn new(live: LiveConfig, replays: IntCounter) -> Client {
+        let config = live.load();
+        let protocol = if config.args.upstream_http2 {
+            Protocol::Http2(Arc::new(tokio::sync::Mutex::new(None)))
+        } else {
+            Protocol::Http1(Arc::new(Pool::new(live.clone())))
+        };
+        Client {
+            inner: Arc::new(Inner {
+                upstream: config.args.upstream.clone(),
+                live,
+                protocol,
+                replays,
+            }),
+        }
+    }
+
+    /// Whether requests go out as HTTP/2 (they then need an absolute URI; HTTP/1.1 requests
+    /// are sent in origin form, as given).
+    pub fn is_http2(&self) -> bool {
+        matches!(self.inner.protocol, Protocol::Http2(_))
+    }
+
+    /// Sends `request` and waits for the response head. The [`Lease`], if any, must be
+    /// released when the response body has been read to its end.
+    ///
+    /// A request that a reused connection turns down unsent (the app closed it while idle) is
+    /// sent again on another connection; one that was handed to a fresh connection is not.
+    /// A bodiless request with an idempotent method that a reused HTTP/1.1 connection took and
+    /// then closed or reset before answering (the app's keep-alive timeout closed it as the
+    /// request arrived) is sent once more on a new connection (module `replay`).
+    ///
+    /// The future owns what it needs (it can outlive `self`), and holds `request` once: not
+    /// an `async fn`, which would keep a copy of `request` beside the protocol's own.
+    pub fn send(
+        &self,
+        request: Request<RequestBody>,
+    ) -> impl Future<Output = Result<(Response<Incoming>, Option<Lease>), SendError>> + Send + 'static
+    {
+        match &self.inner.protocol {
+            Protocol::Http1(pool) => Either::Left(self.clone().send_http1(pool.clone(), request)),
+            // Boxed: its connect, handshake and lock states would otherwise make the future
+            // of every HTTP/1.1 request larger.
+            Protocol::Http2(shared) => {
+                Either::Right(Box::pin(self.clone().send_http2(shared.clone(), request)))
+            }
+        }
+    }
+
+    async fn send_http1(
+        self,
+        pool: Arc<Pool>,
+        mut request: Request<RequestBody>,
+    ) -> Result<(Response<Incoming>, Option<Lease>), SendError> {
+        // Idle connections first; what breaks out of the loop goes on a new connection.
+        let on_new = loop {
+            let Some((mut sender, idle_for)) = pool.checkout() else {
+                break request;
+            };
+            let (sending, replay) = replay::hand_over(&mut sender, request, idle_for);
+            match sending.await {
+                Ok(response) => {
+                    let lease = Lease::new(sender, pool, response.headers());
+                    return Ok((response, Some(lease)));
+                }
+                Err(mut error) => match (error.take_message(), replay) {
+                    (Some(unsent), _) => request = unsent,
+                    (None, Some(copy)) if replay::closed_before_answer(error.error()) => {
+                        tracing::debug!(
+                            error = %error.error(),
+                            "A reused connection to the app closed before answering; \
+                             sending the request again on a new one"
+                        );
+                        self.inner.replays.inc();
+                        // On a new connection: the other idle ones may be as stale.
+                        break *copy;
+                    }
+                    _ => return Err(SendError::Exchange(error.into_error())),
+                },
+            }
+        };
+        // Boxed: the connect and handshake states would otherwise make every request's
+        // future larger, and most requests find an idle connection.
+        Box::pin(self.send_on_new(pool, on_new)).await
+    }
+
+    /// Sends `request` on a new connection, which goes to `pool` when its exchange is over.
+    async fn send_on_new(
+        self,
+        pool: Arc<Pool>,
+        request: Request<RequestBody>,
+    ) -> Result<(Response<Incoming>, Option<Lease>), SendError> {
+        let mut sender = self.open_http1().await?;
+        match sender.try_send_request(request).await {
+            Ok(response) => {
+                let lease = Lease::new(sender, pool, response.headers());
+                Ok((response, Some(lease)))
+            }
+            Err(error) => Err(SendError::Exchange(error.into_error())),
+        }
+    }
+
+    async fn send_http2(
+        self,
+        shared: Arc<tokio::sync::Mutex<Option<http2::SendRequest<RequestBody>>>>,
+        mut request: Request<RequestBody>,
+    ) -> Result<(Response<Incoming>, Option<Lease>), SendError> {
+        let mut retried = false;
+        loop {
+            let (mut sender, reused) = {
+                let mut slot = shared.lock().await;
+                match slot.as_ref().filter(|sender| !sender.is_closed()) {
+                    Some(sender) => (sender.clone(), true),
+                    None => {
+                        let sender = self.open_http2().await?;
+                        *slot = Some(sender.clone());
+                        (sender, false)
+                    }
+                }
+            };
+            match sender.try_send_request(request).await {
+                Ok(response) => return Ok((response, None)),
+                Err(mut error) => match error.take_message() {
+                    Some(unsent) if reused && !retried => {
+                        // The connection is going away (GOAWAY); the next one takes it.
+                        retried = true;
+                        request = unsent;
+                        let mut slot = shared.lock().await;
+                        if slot
+                            .as_ref()
+                            .is_some_and(|s| s.is_closed() || !s.is_ready())
+                        {
+                            *slot = None;
+                        }
+                    }
+                    _ => return Err(SendError::Exchange(error.into_error())),
+                },
+            }
+        }
+    }
+
+    async fn open_http1(&self) -> Result<http1::SendRequest<RequestBody>, SendError> {
+        let io = self.open_stream().await?;
+        let (sender, connection) = http1::Builder::new()
+            .handshake(io)
+            .await
+            .map_err(SendError::Handshake)?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.with_upgrades().await {
+                tracing::debug!(%error, "Connection to the app ended with an error");
+            }
+        });
+        Ok(sender)
+    }
+
+    async fn open_http2(&self) -> Result<http2::SendRequest<RequestBody>, SendError> {
+        let io = self.open_stream().await?;
+        let (mut sender, connection) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            // One stream until the app's SETTINGS say how many it takes. hyper would assume
+            // 100, and an app that takes fewer refuses the excess of a burst that comes before
+            // its SETTINGS (REFUSED_STREAM, a 502 each); the rest wait for the SETTINGS, which
+            // follow the app's preface at once.
+            .initial_max_send_streams(1)
+            .handshake(io)
+            .await
+            .map_err(SendError::Handshake)?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "HTTP/2 connection to the app ended with an error");
+            }
+        });
+        sender.ready().await.map_err(SendError::Handshake)?;
+        Ok(sender)
+    }
+
+    async fn open_stream(&self) -> Result<TokioIo<connect::Stream>, SendError> {
+        let timeout = self.inner.live.peek().args.connect_timeout;
+        connect::connect(&self.inner.upstream, timeout)
+            .await
+            .map(TokioIo::new)
+            .map_err(SendError::Connect)
+    }
+}
