@@ -1,8 +1,10 @@
 //! Start-up and the shutdown sequence: binds both listeners, builds the proxy stack, starts
 //! the admin lane on its own thread, serves, and walks the drain phases.
 
+mod lanes;
 pub mod logging;
 pub mod reload;
+mod shutdown;
 pub mod signals;
 pub mod supervise;
 
@@ -18,9 +20,8 @@ use crate::admin::health::HealthState;
 use crate::admin::{self, AdminHandle};
 use crate::admission::{LimitConfig, Limiter};
 use crate::app::reload::Reloader;
-use crate::config::{Config, LiveConfig, RuntimeMode};
+use crate::config::{Config, LiveConfig};
 use crate::drain::{DrainOutcome, Lifecycle, Phase};
-use crate::inbound;
 use crate::metrics::{Metrics, MetricsError};
 use crate::outbound::Proxy;
 use crate::stack::ProxyStack;
@@ -32,12 +33,8 @@ use crate::stack::rescue::RescueLayer;
 use crate::stack::route::RouteLayer;
 use crate::stack::screen::ScreenLayer;
 
-/// How often the proxy runtime stamps its heartbeat for `/livez`.
-const HEARTBEAT_PERIOD: Duration = Duration::from_millis(100);
 /// How long answers on the admin lane (a waiting `/prestop`) get to flush at exit.
 const ADMIN_FLUSH: Duration = Duration::from_secs(2);
-/// How long refused queued requests get to be written when the drain timeout hits.
-const REFUSAL_FLUSH: Duration = Duration::from_millis(250);
 /// How often the config file is checked for changes.
 const CONFIG_POLL: Duration = Duration::from_secs(1);
 
@@ -220,76 +217,6 @@ fn bind(
         .map_err(|source| StartError::Bind { flag, addr, source })
 }
 
-/// One extra proxy thread of `--runtime per-thread`: what its accept loop needs.
-struct Lane {
-    heartbeat: crate::admin::health::Stamp,
-    stack: ProxyStack,
-    live: LiveConfig,
-    lifecycle: Lifecycle,
-    metrics: Arc<Metrics>,
-    connections: TaskTracker,
-    tunnels: TaskTracker,
-}
-
-impl Lane {
-    /// Starts the thread with its own current-thread runtime, accepting on `listener` until
-    /// the drain, then driving its connections until they are done. The returned receiver
-    /// resolves when its listener is closed.
-    fn spawn(
-        self,
-        index: usize,
-        listener: std::net::TcpListener,
-    ) -> std::io::Result<tokio::sync::oneshot::Receiver<()>> {
-        let (closed_tx, closed_rx) = tokio::sync::oneshot::channel();
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        std::thread::Builder::new()
-            .name(format!("tidegate-proxy-{index}"))
-            .spawn(move || {
-                runtime.block_on(async move {
-                    let heartbeat = tokio::spawn(beat(self.heartbeat, None));
-                    match tokio::net::TcpListener::from_std(listener) {
-                        Ok(listener) => {
-                            inbound::serve(
-                                listener,
-                                self.stack,
-                                self.live,
-                                self.lifecycle,
-                                self.metrics,
-                                self.connections.clone(),
-                            )
-                            .await
-                        }
-                        Err(error) => tracing::error!(%error, "Proxy worker cannot listen"),
-                    }
-                    let _ = closed_tx.send(());
-                    // This runtime drives its connections and tunnels: keep it running until
-                    // the drain is over (or the process exits at the drain timeout).
-                    self.connections.wait().await;
-                    self.tunnels.wait().await;
-                    heartbeat.abort();
-                });
-            })?;
-        Ok(closed_rx)
-    }
-}
-
-/// Stamps `heartbeat` every [`HEARTBEAT_PERIOD`] for as long as its runtime is responsive, and
-/// samples the runtime's live task count into `tasks`, if given.
-async fn beat(heartbeat: crate::admin::health::Stamp, tasks: Option<prometheus::IntGauge>) {
-    let runtime = tokio::runtime::Handle::current().metrics();
-    let mut tick = tokio::time::interval(HEARTBEAT_PERIOD);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        heartbeat.record();
-        if let Some(tasks) = &tasks {
-            tasks.set(runtime.num_alive_tasks() as i64);
-        }
-    }
-}
-
 // === impl Running ===
 
 impl Running {
@@ -309,132 +236,36 @@ impl Running {
             admin,
         } = self;
         let config = live.load();
-        let bind_error = |source| StartError::Bind {
-            flag: "listen",
-            addr: config.args.listen,
-            source,
-        };
-        // Per-thread mode: the other threads get their own runtime, accept loop and upstream
-        // pool, on clones of the same listening socket.
-        let extra_workers = match config.args.runtime {
-            RuntimeMode::PerThread => config.worker_threads().saturating_sub(1),
-            RuntimeMode::Shared => 0,
-        };
-        let mut worker_listeners = Vec::with_capacity(extra_workers);
-        for _ in 0..extra_workers {
-            worker_listeners.push(proxy_listener.try_clone().map_err(bind_error)?);
-        }
-        let listener = tokio::net::TcpListener::from_std(proxy_listener).map_err(|source| {
-            StartError::Bind {
-                flag: "listen",
-                addr: config.args.listen,
-                source,
-            }
-        })?;
         let watcher = config
             .args
             .config
             .clone()
             .map(|path| tokio::spawn(reloader.watch(path, CONFIG_POLL)));
-        let heartbeat = tokio::spawn(beat(
+        let heartbeat = tokio::spawn(lanes::beat(
             health.heartbeat().clone(),
             Some(metrics.runtime_tasks.clone()),
         ));
-        let connections = TaskTracker::new();
-        let mut workers = Vec::with_capacity(extra_workers);
-        for (i, worker_listener) in worker_listeners.into_iter().enumerate() {
-            let mut worker_stack = stack.clone();
-            worker_stack.proxy = Proxy::new(
-                live.clone(),
-                health.progress().clone(),
-                metrics.clone(),
-                tunnels.clone(),
-            );
-            let lane = Lane {
-                heartbeat: health.add_thread_heartbeat(),
-                stack: worker_stack,
+        let lanes = lanes::spawn(
+            proxy_listener,
+            stack,
+            lanes::Shared {
                 live: live.clone(),
                 lifecycle: lifecycle.clone(),
                 metrics: metrics.clone(),
-                connections: connections.clone(),
+                health: health.clone(),
                 tunnels: tunnels.clone(),
-            };
-            workers.push(
-                lane.spawn(i + 1, worker_listener)
-                    .map_err(|e| StartError::Runtime("proxy worker thread", e))?,
-            );
-        }
-        let accept = tokio::spawn(inbound::serve(
-            listener,
-            stack,
-            live.clone(),
-            lifecycle.clone(),
-            metrics.clone(),
-            connections.clone(),
-        ));
-
+            },
+        )?;
         lifecycle.reached(Phase::Delay).await;
-        // The timings in force when shutdown starts apply; later reloads do not change them.
-        let config = live.load();
-        let args = &config.args;
-        metrics.shutdown_phase.set(Phase::Delay as i64);
-        tracing::info!(
-            delay_ms = args.shutdown_delay.as_millis() as u64,
-            "Shutdown: delay (readiness failing, still serving)"
-        );
-        tokio::select! {
-            _ = tokio::time::sleep(args.shutdown_delay) => {}
-            _ = lifecycle.delay_skipped() => tracing::info!("Shutdown: delay skipped"),
-        }
-
-        lifecycle.advance(Phase::Drain);
-        metrics.shutdown_phase.set(Phase::Drain as i64);
-        tracing::info!(
-            in_flight = metrics.in_flight.get(),
-            connections = metrics.connections_open.get(),
-            timeout_ms = args.drain_timeout.as_millis() as u64,
-            "Shutdown: drain (listener closing, finishing in-flight requests)"
-        );
-        let _ = accept.await;
-        for worker in workers {
-            // Resolves when that worker's listener clone is closed (or the thread is gone).
-            let _ = worker.await;
-        }
-        connections.close();
-        tunnels.close();
-        let all_done = async {
-            connections.wait().await;
-            tunnels.wait().await;
-        };
-        let outcome = match tokio::time::timeout(args.drain_timeout, all_done).await {
-            Ok(()) => DrainOutcome::Complete,
-            Err(_elapsed) => {
-                let cut = DrainOutcome::TimedOut {
-                    in_flight: metrics.in_flight.get().max(0) as u64,
-                    connections: metrics.connections_open.get().max(0) as u64,
-                };
-                // Queued requests get a 503 `draining` rather than a reset.
-                limiter.close();
-                let _ = tokio::time::timeout(REFUSAL_FLUSH, connections.wait()).await;
-                cut
-            }
-        };
-        match outcome {
-            DrainOutcome::Complete => tracing::info!("Shutdown: drained"),
-            DrainOutcome::TimedOut {
-                in_flight,
-                connections,
-            } => {
-                metrics.drain_cut.set(in_flight as i64);
-                tracing::warn!(
-                    in_flight,
-                    connections,
-                    "Shutdown: drain timed out; {in_flight} requests cut off"
-                );
-            }
-        }
-        metrics.shutdown_phase.set(Phase::Exited as i64);
-        lifecycle.finish(outcome);
+        let outcome = shutdown::walk(shutdown::Walk {
+            live,
+            lifecycle,
+            metrics,
+            limiter,
+            lanes,
+            tunnels,
+        })
+        .await;
         let _ = tokio::task::spawn_blocking(move || admin.shutdown(ADMIN_FLUSH)).await;
         heartbeat.abort();
         if let Some(watcher) = watcher {

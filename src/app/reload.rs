@@ -54,7 +54,7 @@ impl Reloader {
             Ok((next, kept)) => {
                 for setting in kept {
                     tracing::warn!(
-                        setting,
+                        %setting,
                         "Setting changed in the config file cannot change live; restart to apply it"
                     );
                 }

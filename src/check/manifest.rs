@@ -2,11 +2,10 @@
 
 use std::path::{Path, PathBuf};
 
-use clap::CommandFactory;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::config::{Args, Config};
+use crate::config::Config;
 
 /// One Kubernetes object from the input.
 #[derive(Debug, Clone)]
@@ -234,7 +233,7 @@ fn argv(container: &Value) -> Vec<String> {
 /// Parses the container's flags and `TIDEGATE_*` environment the way tidegate would, without
 /// looking at this process's environment or any file.
 fn parse_flags(container: &Value, argv: &[String]) -> Result<Config, String> {
-    let command = Args::command().mut_args(|a| a.env(None));
+    let command = crate::config::command(false);
     let mut full = vec!["tidegate".to_owned()];
     let (flags, child) = match argv.iter().position(|a| a == "--") {
         Some(i) => (&argv[..i], &argv[i..]),
@@ -294,14 +293,5 @@ fn parse_flags(container: &Value, argv: &[String]) -> Result<Config, String> {
             !a.starts_with("--config=")
         })
         .collect();
-    let matches = command.try_get_matches_from(&full).map_err(|e| {
-        e.render()
-            .to_string()
-            .lines()
-            .next()
-            .unwrap_or_default()
-            .trim_start_matches("error: ")
-            .to_owned()
-    })?;
-    Config::from_matches(matches).map_err(|e| e.to_string())
+    Config::without_env(full).map_err(|e| e.to_string())
 }

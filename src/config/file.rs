@@ -1,22 +1,19 @@
 //! The `--config` TOML file: every flag under its name with underscores, plus `[[route]]`
 //! tables. Unknown keys are errors; every error names the file, the line and the key.
+//!
+//! No setting is declared here: the keys and their parsers are the flags' own ([`super::Args`]),
+//! so a new flag is a file key at once, validated the same way.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytesize::ByteSize;
 use http::Method;
-use ipnet::IpNet;
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
 
 use super::route::{PathMatch, Priority, RouteSpec};
-use super::{
-    Algorithm, Args, ClientAbort, LogFormat, MaxConcurrency, RuntimeMode, Upstream, parse_cidr,
-    parse_header_name, parse_max_concurrency, parse_upstream,
-};
 
 /// A config file that cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -44,94 +41,22 @@ pub enum FileError {
     },
 }
 
-/// The file's contents. Field names are the flags' names with underscores.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// The file's contents: each setting as the command-line words that give it, in the order
+/// of the file, and the `[[route]]` tables.
+#[derive(Debug, Default)]
 pub(super) struct FileConfig {
-    listen: Option<SocketAddr>,
-    #[serde(default, deserialize_with = "upstream")]
-    upstream: Option<Upstream>,
-    admin_listen: Option<SocketAddr>,
-    admin_token: Option<String>,
-    #[serde(default, deserialize_with = "cidrs")]
-    admin_allow: Option<Vec<IpNet>>,
-    threads: Option<u16>,
-    runtime: Option<RuntimeMode>,
-    upstream_http2: Option<bool>,
-    #[serde(default, with = "humantime_serde")]
-    connect_timeout: Option<Duration>,
-    #[serde(default, with = "humantime_serde")]
-    upstream_idle_timeout: Option<Duration>,
-    #[serde(default, with = "humantime_serde")]
-    upstream_timeout: Option<Duration>,
-    #[serde(default, with = "humantime_serde")]
-    header_read_timeout: Option<Duration>,
-    #[serde(default, with = "humantime_serde")]
-    idle_timeout: Option<Duration>,
-    #[serde(default, with = "humantime_serde")]
-    park_idle_after: Option<Duration>,
-    max_connections: Option<u32>,
-    max_header_bytes: Option<ByteSize>,
-    max_headers: Option<u32>,
-    max_uri_bytes: Option<ByteSize>,
-    max_request_body: Option<ByteSize>,
-    h2_max_concurrent_streams: Option<u32>,
-    on_client_abort: Option<ClientAbort>,
-    via: Option<bool>,
-    log_format: Option<LogFormat>,
-    log: Option<String>,
-    access_log: Option<bool>,
-    #[serde(default, deserialize_with = "max_concurrency")]
-    max_concurrency: Option<MaxConcurrency>,
-    min_concurrency: Option<u32>,
-    max_concurrency_ceiling: Option<u32>,
-    adaptive_algorithm: Option<Algorithm>,
-    reserved_slots: Option<u32>,
-    #[serde(default, deserialize_with = "header_name")]
-    priority_header: Option<http::HeaderName>,
-    #[serde(default, deserialize_with = "header_name")]
-    retry_header: Option<http::HeaderName>,
-    #[serde(default, with = "humantime_serde")]
-    retry_memory: Option<Duration>,
-    #[serde(default, with = "humantime_serde")]
-    queue_codel_target: Option<Duration>,
-    #[serde(default, with = "humantime_serde")]
-    queue_codel_interval: Option<Duration>,
-    queue_lifo: Option<bool>,
-    coalesce_max_body: Option<ByteSize>,
-    coalesce_cache_size: Option<ByteSize>,
-    retry_after_from_queue: Option<bool>,
-    #[serde(default, with = "humantime_serde")]
-    retry_after_max: Option<Duration>,
-    max_queue: Option<u32>,
-    #[serde(default, with = "humantime_serde")]
-    queue_timeout: Option<Duration>,
-    #[serde(default, with = "humantime_serde")]
-    retry_after: Option<Duration>,
-    #[serde(default, with = "humantime_serde")]
-    retry_after_jitter: Option<Duration>,
-    app_health_path: Option<String>,
-    #[serde(default, with = "humantime_serde")]
-    app_health_interval: Option<Duration>,
-    #[serde(default, with = "humantime_serde")]
-    app_health_timeout: Option<Duration>,
-    app_health_failure_threshold: Option<u32>,
-    app_health_success_threshold: Option<u32>,
-    #[serde(default, with = "humantime_serde")]
-    progress_window: Option<Duration>,
-    #[serde(default, with = "humantime_serde")]
-    heartbeat_timeout: Option<Duration>,
-    unready_when_saturated: Option<bool>,
-    #[serde(default, with = "humantime_serde")]
-    shutdown_delay: Option<Duration>,
-    #[serde(default, with = "humantime_serde")]
-    drain_timeout: Option<Duration>,
-    #[serde(default, with = "humantime_serde")]
-    child_stop_timeout: Option<Duration>,
+    /// Per setting (by its clap id): the words, e.g. `--max-concurrency=50`; a switch set to
+    /// `false` has none.
+    pub(super) settings: Vec<(String, Vec<std::ffi::OsString>)>,
+    /// The `[[route]]` tables, in order.
+    pub(super) routes: Vec<RouteSpec>,
+}
+
+/// Only the `[[route]]` tables, with where each starts; other keys are read as settings.
+#[derive(Debug, Default, Deserialize)]
+struct FileRoutes {
     #[serde(default)]
     route: Vec<toml::Spanned<FileRoute>>,
-    #[serde(skip)]
-    routes: Vec<RouteSpec>,
 }
 
 /// One `[[route]]` table.
@@ -168,13 +93,38 @@ struct FileRoute {
 }
 
 /// Reads and parses `path`; returns the settings and a hash of the contents.
-pub(super) fn load(path: &Path) -> Result<(FileConfig, u64), FileError> {
+///
+/// Every key but `route` is a setting, named as its flag with underscores, and its value is
+/// checked by the flag's own parser: a file value and a flag value are validated alike.
+pub(super) fn load(path: &Path, command: &clap::Command) -> Result<(FileConfig, u64), FileError> {
     let text = std::fs::read_to_string(path).map_err(|source| FileError::Read {
         path: path.to_owned(),
         source,
     })?;
-    let mut file: FileConfig = toml::from_str(&text).map_err(|e| invalid(path, &text, &e))?;
-    file.routes = file
+    let table: BTreeMap<String, toml::Spanned<toml::Value>> =
+        toml::from_str(&text).map_err(|e| invalid(path, &text, &e))?;
+    let mut settings = Vec::new();
+    for (key, value) in &table {
+        if key == "route" {
+            continue;
+        }
+        let at = |message: String| FileError::Invalid {
+            path: path.to_owned(),
+            line: line_of(&text, value.span().start),
+            field: key.clone(),
+            message,
+        };
+        let arg = setting(command, key).ok_or_else(|| at(unknown_key(command, key)))?;
+        let words = words(arg, value.get_ref()).map_err(at)?;
+        settings.push((arg.get_id().as_str().to_owned(), words));
+    }
+    // Settings in the order of the file, so that an error names the first wrong line.
+    settings.sort_by_key(|(id, _)| {
+        let key = id.as_str();
+        table.get(key).map_or(0, |v| v.span().start)
+    });
+    let file: FileRoutes = toml::from_str(&text).map_err(|e| invalid(path, &text, &e))?;
+    let routes = file
         .route
         .iter()
         .enumerate()
@@ -190,7 +140,82 @@ pub(super) fn load(path: &Path) -> Result<(FileConfig, u64), FileError> {
                 })
         })
         .collect::<Result<_, _>>()?;
-    Ok((file, content_hash(&text)))
+    Ok((FileConfig { settings, routes }, content_hash(&text)))
+}
+
+/// The flag a file key names: its clap id, which is the key (`max_concurrency`). `config`, the
+/// routes (`[[route]]` tables here) and the supervised command are not file keys.
+fn setting<'a>(command: &'a clap::Command, key: &str) -> Option<&'a clap::Arg> {
+    command.get_arguments().find(|arg| {
+        let id = arg.get_id().as_str();
+        id == key && arg.get_long().is_some() && !NOT_IN_FILE.contains(&id)
+    })
+}
+
+/// Flags that have no file key.
+const NOT_IN_FILE: &[&str] = &["config", "routes", "help", "version"];
+
+/// "unknown key", with the nearest key when one is close.
+fn unknown_key(command: &clap::Command, key: &str) -> String {
+    let nearest = command
+        .get_arguments()
+        .map(|arg| arg.get_id().as_str())
+        .filter(|id| setting(command, id).is_some())
+        .chain(["route"])
+        .map(|id| (strsim::jaro(key, id), id))
+        .max_by(|a, b| a.0.total_cmp(&b.0));
+    match nearest {
+        Some((score, id)) if score > 0.8 => format!("unknown key; did you mean `{id}`?"),
+        _ => "unknown key (keys are the flags' names with underscores; see --help)".to_owned(),
+    }
+}
+
+/// The command-line words that give `arg` the file's `value`, checked by the flag's parser.
+fn words(arg: &clap::Arg, value: &toml::Value) -> Result<Vec<std::ffi::OsString>, String> {
+    let long = arg.get_long().unwrap_or_default();
+    let repeated = matches!(arg.get_action(), clap::ArgAction::Append);
+    let switch = matches!(arg.get_action(), clap::ArgAction::SetTrue);
+    let items = match value {
+        toml::Value::Array(items) if repeated => items.iter().collect(),
+        toml::Value::Array(_) => return Err("expected one value, not a list".to_owned()),
+        value if repeated => vec![value],
+        value => vec![value],
+    };
+    let mut words = Vec::new();
+    for item in items {
+        let text = match item {
+            toml::Value::String(text) => text.clone(),
+            toml::Value::Integer(n) => n.to_string(),
+            toml::Value::Float(x) => x.to_string(),
+            toml::Value::Boolean(b) => b.to_string(),
+            _ => return Err("expected a string, a number or a boolean".to_owned()),
+        };
+        if switch {
+            match item {
+                toml::Value::Boolean(true) => words.push(format!("--{long}").into()),
+                toml::Value::Boolean(false) => {}
+                _ => return Err("expected true or false".to_owned()),
+            }
+            continue;
+        }
+        let word = format!("--{long}={text}");
+        // The flag's own parser and checks, alone: a command of this one flag, without its
+        // environment variable.
+        clap::Command::new("tidegate")
+            .no_binary_name(true)
+            .arg(arg.clone().env(None))
+            .try_get_matches_from([&word])
+            .map_err(|e| clap_message(&e))?;
+        words.push(word.into());
+    }
+    Ok(words)
+}
+
+/// What a clap error says of a value, without its `error: ` prefix and usage block.
+fn clap_message(error: &clap::Error) -> String {
+    let rendered = error.render().to_string();
+    let line = rendered.lines().next().unwrap_or("invalid value");
+    line.strip_prefix("error: ").unwrap_or(line).to_owned()
 }
 
 /// Hash of a config file's text: the loader records it, the watcher compares against it.
@@ -222,135 +247,6 @@ fn invalid(path: &Path, text: &str, error: &toml::de::Error) -> FileError {
 
 fn line_of(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())].matches('\n').count() + 1
-}
-
-fn upstream<'de, D: Deserializer<'de>>(de: D) -> Result<Option<Upstream>, D::Error> {
-    let value = String::deserialize(de)?;
-    parse_upstream(&value)
-        .map(Some)
-        .map_err(serde::de::Error::custom)
-}
-
-fn max_concurrency<'de, D: Deserializer<'de>>(de: D) -> Result<Option<MaxConcurrency>, D::Error> {
-    /// A number of slots or `"auto"`.
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Value {
-        Number(i64),
-        Text(String),
-    }
-    let text = match Value::deserialize(de)? {
-        Value::Number(n) => n.to_string(),
-        Value::Text(t) => t,
-    };
-    parse_max_concurrency(&text)
-        .map(Some)
-        .map_err(serde::de::Error::custom)
-}
-
-fn header_name<'de, D: Deserializer<'de>>(de: D) -> Result<Option<http::HeaderName>, D::Error> {
-    let value = String::deserialize(de)?;
-    parse_header_name(&value)
-        .map(Some)
-        .map_err(serde::de::Error::custom)
-}
-
-fn cidrs<'de, D: Deserializer<'de>>(de: D) -> Result<Option<Vec<IpNet>>, D::Error> {
-    Vec::<String>::deserialize(de)?
-        .iter()
-        .map(|value| parse_cidr(value))
-        .collect::<Result<Vec<_>, _>>()
-        .map(Some)
-        .map_err(serde::de::Error::custom)
-}
-
-// === impl FileConfig ===
-
-impl FileConfig {
-    /// Fills `args` with the file's values, except those given by flag or environment.
-    pub(super) fn apply(self, args: &mut Args, explicit: &BTreeSet<String>) {
-        macro_rules! set {
-            ($($field:ident),* $(,)?) => {$(
-                if let Some(value) = self.$field {
-                    if !explicit.contains(stringify!($field)) {
-                        args.$field = value;
-                    }
-                }
-            )*};
-        }
-        macro_rules! set_some {
-            ($($field:ident),* $(,)?) => {$(
-                if let Some(value) = self.$field {
-                    if !explicit.contains(stringify!($field)) {
-                        args.$field = Some(value);
-                    }
-                }
-            )*};
-        }
-        set!(
-            listen,
-            upstream,
-            admin_listen,
-            runtime,
-            upstream_http2,
-            connect_timeout,
-            upstream_idle_timeout,
-            header_read_timeout,
-            idle_timeout,
-            park_idle_after,
-            max_connections,
-            max_header_bytes,
-            max_headers,
-            max_uri_bytes,
-            h2_max_concurrent_streams,
-            admin_allow,
-            on_client_abort,
-            via,
-            log_format,
-            log,
-            access_log,
-            queue_timeout,
-            retry_after,
-            retry_after_jitter,
-            min_concurrency,
-            max_concurrency_ceiling,
-            adaptive_algorithm,
-            reserved_slots,
-            queue_codel_interval,
-            queue_lifo,
-            coalesce_max_body,
-            coalesce_cache_size,
-            retry_after_from_queue,
-            retry_after_max,
-            app_health_interval,
-            app_health_timeout,
-            app_health_failure_threshold,
-            app_health_success_threshold,
-            progress_window,
-            heartbeat_timeout,
-            unready_when_saturated,
-            shutdown_delay,
-            drain_timeout,
-            child_stop_timeout,
-        );
-        set_some!(
-            threads,
-            upstream_timeout,
-            max_concurrency,
-            max_queue,
-            app_health_path,
-            admin_token,
-            max_request_body,
-            priority_header,
-            retry_header,
-            retry_memory,
-            queue_codel_target,
-        );
-        // Routes from flags replace the file's routes as a whole.
-        if !explicit.contains("routes") && !self.route.is_empty() {
-            args.routes = self.routes;
-        }
-    }
 }
 
 // === impl FileRoute ===
@@ -432,7 +328,9 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("tidegate.toml");
         std::fs::write(&path, text).unwrap();
-        let result = load(&path).map(|(f, _)| f).map_err(|e| e.to_string());
+        let result = load(&path, &super::super::command(true))
+            .map(|(f, _)| f)
+            .map_err(|e| e.to_string());
         let _ = std::fs::remove_dir_all(&dir);
         result
     }
@@ -445,17 +343,32 @@ mod tests {
         ))
         .unwrap();
         let file = parse(&text).unwrap();
-        assert!(file.max_concurrency.is_some());
+        assert!(file.settings.iter().any(|(id, _)| id == "max_concurrency"));
         assert!(!file.routes.is_empty());
         assert!(file.routes.iter().any(|r| r.coalesce_cache.is_some()));
     }
 
     #[test]
     fn max_concurrency_is_a_number_or_auto() {
-        let auto = parse("max_concurrency = \"auto\"\n").unwrap();
-        assert_eq!(auto.max_concurrency, Some(MaxConcurrency::Auto));
-        let fixed = parse("max_concurrency = 50\n").unwrap();
-        assert_eq!(fixed.max_concurrency, Some(MaxConcurrency::Fixed(50)));
+        let words = |text: &str| parse(text).unwrap().settings;
+        assert_eq!(
+            words("max_concurrency = \"auto\"\n"),
+            [(
+                "max_concurrency".into(),
+                vec!["--max-concurrency=auto".into()]
+            )]
+        );
+        assert_eq!(
+            words("max_concurrency = 50\nvia = false\nupstream_http2 = true\n"),
+            [
+                (
+                    "max_concurrency".into(),
+                    vec!["--max-concurrency=50".into()]
+                ),
+                ("via".into(), vec![]),
+                ("upstream_http2".into(), vec!["--upstream-http2".into()]),
+            ]
+        );
         let routes =
             parse("[[route]]\nprefix = \"/a\"\npriority = \"critical\"\ncoalesce_cache = \"5s\"\n")
                 .unwrap()

@@ -10,6 +10,7 @@ mod file;
 pub mod route;
 
 use std::collections::BTreeSet;
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -17,6 +18,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytesize::ByteSize;
+use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -29,6 +31,7 @@ pub use self::route::{PathMatch, Priority, RouteSpec, RouteTable};
 #[derive(Debug, Clone, Parser)]
 #[command(
     name = "tidegate",
+    group = clap::ArgGroup::new(RESTART_ONLY).multiple(true),
     version,
     about = "Sidecar reverse proxy that sheds load, answers probes on a reserved lane and drains on SIGTERM",
     after_help = "Every flag can also be set with the environment variable TIDEGATE_<FLAG> \
@@ -43,7 +46,7 @@ pub struct Args {
 
     /// Address the proxy listens on for app traffic
     #[arg(
-        long,
+        long, group = RESTART_ONLY,
         env = "TIDEGATE_LISTEN",
         default_value = "0.0.0.0:8080",
         value_name = "ADDR"
@@ -51,12 +54,12 @@ pub struct Args {
     pub listen: SocketAddr,
 
     /// The app: http://host:port or unix:/path/to.sock
-    #[arg(long, env = "TIDEGATE_UPSTREAM", default_value = "http://127.0.0.1:8000", value_name = "URL", value_parser = parse_upstream)]
+    #[arg(long, group = RESTART_ONLY, env = "TIDEGATE_UPSTREAM", default_value = "http://127.0.0.1:8000", value_name = "URL", value_parser = parse_upstream)]
     pub upstream: Upstream,
 
     /// Address of the admin listener (/livez, /readyz, /app/livez, /metrics, /state, /prestop, /drain)
     #[arg(
-        long,
+        long, group = RESTART_ONLY,
         env = "TIDEGATE_ADMIN_LISTEN",
         default_value = "0.0.0.0:9901",
         value_name = "ADDR"
@@ -77,16 +80,16 @@ pub struct Args {
     pub admin_allow: Vec<IpNet>,
 
     /// Worker threads of the proxy runtime [default: CPUs allowed by the cgroup quota]
-    #[arg(long, env = "TIDEGATE_THREADS", value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    #[arg(long, group = RESTART_ONLY, env = "TIDEGATE_THREADS", value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub threads: Option<u16>,
 
     /// How the proxy threads share work: one work-stealing runtime, or a runtime per thread
     /// each accepting on the shared listener with its own upstream pool
-    #[arg(long, env = "TIDEGATE_RUNTIME", value_enum, default_value_t = RuntimeMode::Shared)]
+    #[arg(long, group = RESTART_ONLY, env = "TIDEGATE_RUNTIME", value_enum, default_value_t = RuntimeMode::Shared)]
     pub runtime: RuntimeMode,
 
     /// Speak HTTP/2 with prior knowledge (h2c) to the app
-    #[arg(long, env = "TIDEGATE_UPSTREAM_HTTP2")]
+    #[arg(long, group = RESTART_ONLY, env = "TIDEGATE_UPSTREAM_HTTP2")]
     pub upstream_http2: bool,
 
     /// Time allowed to open a connection to the app (504 when exceeded)
@@ -149,12 +152,12 @@ pub struct Args {
     pub via: bool,
 
     /// Log format
-    #[arg(long, env = "TIDEGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    #[arg(long, group = RESTART_ONLY, env = "TIDEGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
     /// Log filter (tracing env-filter syntax, e.g. `info` or `tidegate=debug`)
     #[arg(
-        long,
+        long, group = RESTART_ONLY,
         env = "TIDEGATE_LOG",
         default_value = "info",
         value_name = "FILTER"
@@ -443,10 +446,12 @@ pub enum ConfigError {
 pub struct Config {
     /// Effective settings: flags, environment, file and defaults merged.
     pub args: Args,
-    /// Flags and environment variables over defaults, before the file: the base of a reload.
-    base: Args,
-    /// Ids of the settings given by flag or environment variable (the file cannot override).
-    explicit: BTreeSet<String>,
+    /// The command line it was parsed from (program name first): the base of a reload.
+    argv: Vec<OsString>,
+    /// Whether `TIDEGATE_*` variables were read (not by `tidegate check`).
+    env: bool,
+    /// The config file's settings as command-line words, as applied.
+    file_words: Vec<(String, Vec<OsString>)>,
     /// Hash of the config file's contents, if there is one.
     file_hash: Option<u64>,
 }
@@ -461,17 +466,9 @@ const MAX_HEADERS_CEILING: i64 = 10_000;
 /// Largest `--max-header-bytes` hyper's HTTP/1 read buffer can hold with room to spare.
 pub const MAX_HEADER_BYTES_CEILING: ByteSize = ByteSize::kib(256);
 
-/// Settings that cannot change without a restart.
-const STATIC_SETTINGS: &[&str] = &[
-    "listen",
-    "admin_listen",
-    "upstream",
-    "threads",
-    "runtime",
-    "upstream_http2",
-    "log_format",
-    "log",
-];
+/// The clap group of the settings that cannot change without a restart: a setting is
+/// restart-only by naming it in its `#[arg]`, and a reload keeps its value in force.
+const RESTART_ONLY: &str = "restart_only";
 
 // === impl Args ===
 
@@ -608,98 +605,96 @@ impl Config {
     pub fn try_from_iter<I, T>(iter: I) -> Result<Config, ConfigError>
     where
         I: IntoIterator<Item = T>,
-        T: Into<std::ffi::OsString> + Clone,
+        T: Into<OsString> + Clone,
     {
-        Config::from_matches(
-            Args::command()
-                .try_get_matches_from(iter)
-                .map_err(|e| ConfigError::Flags(first_line(&e)))?,
-        )
+        Config::build(iter.into_iter().map(Into::into).collect(), true, None).map(|(c, _)| c)
     }
 
     /// Like [`Config::try_from_iter`] for the process's own arguments; `--help` and
     /// `--version` print and exit here.
     pub fn from_env_args() -> Result<Config, ConfigError> {
-        match Args::command().try_get_matches() {
-            Ok(matches) => Config::from_matches(matches),
-            Err(e) if !e.use_stderr() => e.exit(),
-            Err(e) => Err(ConfigError::Flags(first_line(&e))),
+        let argv: Vec<OsString> = std::env::args_os().collect();
+        if let Err(e) = command(true).try_get_matches_from(&argv)
+            && !e.use_stderr()
+        {
+            e.exit();
         }
+        Config::build(argv, true, None).map(|(c, _)| c)
     }
 
-    pub(crate) fn from_matches(matches: clap::ArgMatches) -> Result<Config, ConfigError> {
-        let base =
-            Args::from_arg_matches(&matches).map_err(|e| ConfigError::Flags(first_line(&e)))?;
-        let explicit = Args::command()
+    /// Parses flags alone, without the environment of this process (`tidegate check` reads a
+    /// manifest's). The `--config` file, if named, is read.
+    pub(crate) fn without_env(argv: Vec<String>) -> Result<Config, ConfigError> {
+        Config::build(argv.into_iter().map(Into::into).collect(), false, None).map(|(c, _)| c)
+    }
+
+    /// Flags and environment over the file over defaults. With `previous` (a reload), the
+    /// restart-only settings keep the file's earlier values; their ids are returned.
+    fn build(
+        argv: Vec<OsString>,
+        env: bool,
+        previous: Option<&Config>,
+    ) -> Result<(Config, Vec<String>), ConfigError> {
+        let command = command(env);
+        let matches = command
+            .clone()
+            .try_get_matches_from(&argv)
+            .map_err(|e| ConfigError::Flags(first_line(&e)))?;
+        let explicit: BTreeSet<String> = command
             .get_arguments()
             .map(|a| a.get_id().as_str())
             .filter(|id| {
                 matches!(
                     matches.value_source(id),
-                    Some(
-                        clap::parser::ValueSource::CommandLine
-                            | clap::parser::ValueSource::EnvVariable
-                    )
+                    Some(ValueSource::CommandLine | ValueSource::EnvVariable)
                 )
             })
             .map(str::to_owned)
             .collect();
-        Config::build(base, explicit)
-    }
-
-    fn build(base: Args, explicit: BTreeSet<String>) -> Result<Config, ConfigError> {
-        let mut args = base.clone();
+        let mut args =
+            Args::from_arg_matches(&matches).map_err(|e| ConfigError::Flags(first_line(&e)))?;
+        let mut file_words = Vec::new();
         let mut file_hash = None;
-        if let Some(path) = &base.config {
-            let (file, hash) = file::load(path)?;
-            file.apply(&mut args, &explicit);
+        let mut kept = Vec::new();
+        if let Some(path) = args.config.clone() {
+            let (file, hash) = file::load(&path, &command)?;
+            file_words = file.settings;
+            if let Some(previous) = previous {
+                kept = keep_restart_only(&command, &mut file_words, previous, &explicit);
+            }
+            let mut full = argv[..1].to_vec();
+            for (id, words) in &file_words {
+                if !explicit.contains(id) {
+                    full.extend(words.iter().cloned());
+                }
+            }
+            full.extend(argv.iter().skip(1).cloned());
+            let matches = command
+                .try_get_matches_from(&full)
+                .map_err(|e| ConfigError::Flags(first_line(&e)))?;
+            args =
+                Args::from_arg_matches(&matches).map_err(|e| ConfigError::Flags(first_line(&e)))?;
+            // Routes from flags replace the file's routes as a whole.
+            if !explicit.contains("routes") && !file.routes.is_empty() {
+                args.routes = file.routes;
+            }
             file_hash = Some(hash);
         }
         args.validate()?;
-        Ok(Config {
+        let config = Config {
             args,
-            base,
-            explicit,
+            argv,
+            env,
+            file_words,
             file_hash,
-        })
+        };
+        Ok((config, kept))
     }
 
     /// Reads the config file again and merges it under the same flags and environment.
     /// Settings that cannot change live keep their current values (returned by name).
-    pub fn reload(&self) -> Result<(Config, Vec<&'static str>), ConfigError> {
-        let mut next = Config::build(self.base.clone(), self.explicit.clone())?;
-        let mut kept = Vec::new();
-        for &name in STATIC_SETTINGS {
-            if self.static_value(name) != next.static_value(name) {
-                kept.push(name);
-            }
-        }
-        let a = &mut next.args;
-        let b = &self.args;
-        a.listen = b.listen;
-        a.admin_listen = b.admin_listen;
-        a.upstream = b.upstream.clone();
-        a.threads = b.threads;
-        a.runtime = b.runtime;
-        a.upstream_http2 = b.upstream_http2;
-        a.log_format = b.log_format;
-        a.log = b.log.clone();
-        Ok((next, kept))
-    }
-
-    fn static_value(&self, name: &str) -> String {
-        let a = &self.args;
-        match name {
-            "listen" => a.listen.to_string(),
-            "admin_listen" => a.admin_listen.to_string(),
-            "upstream" => format!("{:?}", a.upstream),
-            "threads" => format!("{:?}", a.threads),
-            "runtime" => format!("{:?}", a.runtime),
-            "upstream_http2" => a.upstream_http2.to_string(),
-            "log_format" => format!("{:?}", a.log_format),
-            "log" => a.log.clone(),
-            _ => String::new(),
-        }
+    pub fn reload(&self) -> Result<(Config, Vec<String>), ConfigError> {
+        Config::build(self.argv.clone(), self.env, Some(self))
     }
 
     /// Hash of the config file's contents, if one was read.
@@ -736,6 +731,60 @@ impl Config {
     pub fn is_supervisor(&self) -> bool {
         !self.args.command.is_empty()
     }
+}
+
+/// The command-line parser; without `env`, `TIDEGATE_*` variables are not read.
+pub(crate) fn command(env: bool) -> clap::Command {
+    let mut command = Args::command();
+    if !env {
+        command = command.mut_args(|a| a.env(None));
+    }
+    // Built, so that the groups list their arguments.
+    command.build();
+    command
+}
+
+/// The ids of the settings that cannot change without a restart.
+pub fn restart_only() -> Vec<String> {
+    let command = command(true);
+    command
+        .get_groups()
+        .filter(|g| g.get_id() == RESTART_ONLY)
+        .flat_map(|g| g.get_args())
+        .map(|id| id.as_str().to_owned())
+        .collect()
+}
+
+/// On reload: puts back the file words in force for each restart-only setting whose words
+/// changed (and that no flag or variable overrides); returns their ids.
+fn keep_restart_only(
+    command: &clap::Command,
+    words: &mut Vec<(String, Vec<OsString>)>,
+    previous: &Config,
+    explicit: &BTreeSet<String>,
+) -> Vec<String> {
+    let restart: Vec<&str> = command
+        .get_groups()
+        .filter(|g| g.get_id() == RESTART_ONLY)
+        .flat_map(|g| g.get_args())
+        .map(|id| id.as_str())
+        .collect();
+    let find = |list: &[(String, Vec<OsString>)], id: &str| {
+        list.iter().find(|(i, _)| i == id).map(|(_, w)| w.clone())
+    };
+    let mut kept = Vec::new();
+    for id in restart {
+        let old = find(&previous.file_words, id);
+        if explicit.contains(id) || find(words, id) == old {
+            continue;
+        }
+        words.retain(|(i, _)| i != id);
+        if let Some(old) = old {
+            words.push((id.to_owned(), old));
+        }
+        kept.push(id.to_owned());
+    }
+    kept
 }
 
 /// clap's first error line, without its `error: ` prefix and usage block.
@@ -934,5 +983,88 @@ mod tests {
         assert_eq!(cfg.max_queue(), 7);
         let cfg = parse(&["--max-concurrency", "7", "--max-queue", "0"]).unwrap();
         assert_eq!(cfg.max_queue(), 0);
+    }
+
+    /// A config file in a fresh directory; returns its path.
+    fn file(text: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "tidegate-config-{}-{}",
+            std::process::id(),
+            fastrand::u64(..)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("tidegate.toml");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn every_flag_is_a_file_key_checked_by_the_flags_parser() {
+        // Flags over the file over defaults.
+        let path = file("max_concurrency = 8\nqueue_timeout = \"250ms\"\nvia = true\n");
+        let config = path.to_str().unwrap();
+        let cfg = parse(&["--config", config, "--max-concurrency", "3"]).unwrap();
+        assert_eq!(cfg.args.fixed_concurrency(), Some(3));
+        assert_eq!(cfg.args.queue_timeout, Duration::from_millis(250));
+        assert!(cfg.args.via);
+        // The flag's own range applies to the file's value, named by file, line and key.
+        let err = parse(&["--config", file("\nthreads = 0\n").to_str().unwrap()]).unwrap_err();
+        assert!(err.contains(":2: threads:"), "{err}");
+        assert!(err.contains("not in 1..=1024"), "{err}");
+        // An unknown key gets the nearest one.
+        let err = parse(&["--config", file("max_concurency = 4\n").to_str().unwrap()]).unwrap_err();
+        assert!(
+            err.contains(":1: max_concurency: unknown key; did you mean `max_concurrency`?"),
+            "{err}"
+        );
+        // Every flag but --config, the routes and the command is a file key: given its own
+        // default, each parses.
+        let command = Args::command();
+        let mut checked = 0;
+        for arg in command.get_arguments() {
+            let id = arg.get_id().as_str();
+            let Some(default) = arg.get_default_values().first() else {
+                continue;
+            };
+            let default = default.to_str().unwrap();
+            let text = format!("{id} = \"{default}\"\n");
+            let cfg = parse(&["--config", file(&text).to_str().unwrap()]);
+            assert!(cfg.is_ok(), "{text}: {cfg:?}");
+            checked += 1;
+        }
+        assert!(checked > 30, "{checked} defaults checked");
+    }
+
+    #[test]
+    fn a_reload_keeps_restart_only_settings_and_applies_the_rest() {
+        let path = file("listen = \"127.0.0.1:1\"\nmax_concurrency = 4\n");
+        let cfg = parse(&["--config", path.to_str().unwrap()]).unwrap();
+        std::fs::write(
+            &path,
+            "listen = \"127.0.0.1:2\"\nmax_concurrency = 8\nlog = \"debug\"\n",
+        )
+        .unwrap();
+        let (next, kept) = cfg.reload().unwrap();
+        assert_eq!(kept, ["listen", "log"]);
+        assert_eq!(next.args.listen, cfg.args.listen);
+        assert_eq!(next.args.log, "info");
+        assert_eq!(next.args.fixed_concurrency(), Some(8));
+        // Reloaded again: still a restart to apply them, and the old values still in force.
+        let (again, kept) = next.reload().unwrap();
+        assert_eq!(kept, ["listen", "log"]);
+        assert_eq!(again.args.listen, cfg.args.listen);
+        assert_eq!(
+            restart_only(),
+            [
+                "listen",
+                "upstream",
+                "admin_listen",
+                "threads",
+                "runtime",
+                "upstream_http2",
+                "log_format",
+                "log"
+            ]
+        );
     }
 }
