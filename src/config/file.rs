@@ -155,7 +155,7 @@ fn setting<'a>(command: &'a clap::Command, key: &str) -> Option<&'a clap::Arg> {
 /// Flags that have no file key.
 const NOT_IN_FILE: &[&str] = &["config", "routes", "help", "version"];
 
-/// "unknown key", with the nearest key when one is close.
+/// "unknown field", with the nearest key when one is close.
 fn unknown_key(command: &clap::Command, key: &str) -> String {
     let nearest = command
         .get_arguments()
@@ -165,8 +165,8 @@ fn unknown_key(command: &clap::Command, key: &str) -> String {
         .map(|id| (strsim::jaro(key, id), id))
         .max_by(|a, b| a.0.total_cmp(&b.0));
     match nearest {
-        Some((score, id)) if score > 0.8 => format!("unknown key; did you mean `{id}`?"),
-        _ => "unknown key (keys are the flags' names with underscores; see --help)".to_owned(),
+        Some((score, id)) if score > 0.8 => format!("unknown field; did you mean `{id}`?"),
+        _ => "unknown field (keys are the flags' names with underscores; see --help)".to_owned(),
     }
 }
 

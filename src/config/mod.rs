@@ -1014,7 +1014,7 @@ mod tests {
         // An unknown key gets the nearest one.
         let err = parse(&["--config", file("max_concurency = 4\n").to_str().unwrap()]).unwrap_err();
         assert!(
-            err.contains(":1: max_concurency: unknown key; did you mean `max_concurrency`?"),
+            err.contains(":1: max_concurency: unknown field; did you mean `max_concurrency`?"),
             "{err}"
         );
         // Every flag but --config, the routes and the command is a file key: given its own
