@@ -3,7 +3,7 @@
 
     python3 benches/peers/run.py [--install] [--seconds 10] [--rounds 3] [--only NAME,...]
     python3 benches/peers/run.py --park-sweep [--rounds 3]
-    python3 benches/peers/run.py --instructions [--rounds 3]
+    python3 benches/peers/run.py --instructions [--rounds 3] [--compare OLD_BINARY,NEW_BINARY]
 
 Starts one fast upstream (benchkit, one thread) and, one at a time, each target in front of
 it: direct (no proxy), tidegate, HAProxy, nginx and Envoy, each with 1 and 2 threads/workers,
@@ -404,6 +404,9 @@ def main():
     parser.add_argument("--only", default="", help="comma-separated target names")
     parser.add_argument("--park-sweep", action="store_true",
                         help="only tidegate's RSS with 10,000 idle connections per --park-idle-after")
+    parser.add_argument("--compare", default="",
+                        help="with --instructions: comma-separated tidegate binaries (e.g. a build "
+                             "before and after a change) counted beside the hyper floor only")
     parser.add_argument("--instructions", action="store_true",
                         help="only user-space instructions per request of the 1-thread proxies "
                              "(valgrind's callgrind)")
@@ -417,6 +420,8 @@ def main():
     tools = ["haproxy", "nginx", "envoy", "wrk", "h2load", "taskset", "curl"]
     if args.instructions:
         tools = ["haproxy", "nginx", "envoy", "taskset", "valgrind", "callgrind_control"]
+        if args.compare:
+            tools = ["taskset", "valgrind", "callgrind_control", "curl"]
     missing = [t for t in tools if not shutil.which(t)]
     if missing:
         sys.exit(f"missing: {' '.join(missing)} (run with --install)")
@@ -431,7 +436,8 @@ def main():
             if args.park_sweep:
                 park_sweep(tidegate, benchkit, up_port, args.rounds)
             else:
-                instructions(tidegate, benchkit, up_port, args.rounds)
+                instructions(tidegate, benchkit, up_port, args.rounds,
+                             [p for p in args.compare.split(",") if p])
         finally:
             upstream.kill()
             shutil.rmtree(TMP, ignore_errors=True)
@@ -535,15 +541,27 @@ def callgrind_totals(out):
     raise RuntimeError(f"no callgrind dump for {out}")
 
 
-def instructions(tidegate, benchkit, up_port, rounds):
-    """User-space instructions per request of each 1-thread proxy, under callgrind."""
+def instructions(tidegate, benchkit, up_port, rounds, compare=()):
+    """User-space instructions per request of each 1-thread proxy, under callgrind.
+
+    With `compare` (tidegate binaries, e.g. before and after a change), only those binaries
+    and the hyper floor are counted, interleaved by round."""
     # (name, kind, shed): the last is tidegate refusing every request (its only slot held).
     kinds = [("tidegate ×1", "tidegate", False), ("tidegate ×1, refusing (503)", "tidegate", True),
              ("hyper floor", "floor", False), ("haproxy ×1", "haproxy", False),
              ("nginx ×1", "nginx", False), ("envoy ×1", "envoy", False)]
+    binaries = {name: tidegate for name, _, _ in kinds}
+    if compare:
+        kinds, binaries = [("hyper floor", "floor", False)], {}
+        for path in compare:
+            for shed in (False, True):
+                name = f"tidegate ×1{', refusing (503)' if shed else ''} [{path}]"
+                kinds.append((name, "tidegate", shed))
+                binaries[name] = Path(path)
     counts = {(name, load): [] for name, _, _ in kinds for load in INSTRUCTION_LOADS}
     for rnd in range(rounds):
         for name, kind, shed in kinds:
+            tidegate = binaries.get(name, tidegate)
             t = Target(name, 1, kind)
             out = TMP / f"callgrind-{kind}-{shed}-{rnd}.out"
             t.wrap = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
@@ -572,7 +590,7 @@ def instructions(tidegate, benchkit, up_port, rounds):
     print("\n| target | instructions per request, 8 connections at 250 req/s "
           "| 64 connections, saturated | vs nginx ×1 (saturated) |\n|---|--:|--:|--:|")
     low, high = INSTRUCTION_LOADS
-    best = median(counts[("nginx ×1", high)])
+    best = median(counts[("nginx ×1", high)]) if ("nginx ×1", high) in counts else None
     for name, _, _ in kinds:
         sat = median(counts[(name, high)])
         print(f"| {name} | {fmt(median(counts[(name, low)]))} | {fmt(sat)} | "
