@@ -12,7 +12,10 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 
+use prometheus::{IntGauge, Registry};
 use tokio::sync::{Notify, watch};
+
+use crate::metrics::{MetricsError, reg};
 
 /// Where tidegate is in its shutdown.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -49,6 +52,15 @@ pub struct Lifecycle {
     fast: Arc<AtomicU8>,
     outcome: Arc<watch::Sender<Option<DrainOutcome>>>,
     skip_delay: Arc<Notify>,
+}
+
+/// The shutdown walk.
+#[derive(Debug)]
+pub struct DrainMetrics {
+    /// `tidegate_shutdown_phase`: 0 serving, 1 delay, 2 drain, 3 exiting.
+    pub shutdown_phase: IntGauge,
+    /// `tidegate_drain_cut_requests`: requests still in flight when the drain timeout hit.
+    pub drain_cut: IntGauge,
 }
 
 // === impl Phase ===
@@ -151,6 +163,32 @@ impl Lifecycle {
             Ok(outcome) => outcome.unwrap_or(DrainOutcome::Complete),
             Err(_) => DrainOutcome::Complete,
         }
+    }
+}
+
+// === impl DrainMetrics ===
+
+impl DrainMetrics {
+    /// Creates the family and registers it in `registry`.
+    pub fn register(registry: &Registry) -> Result<DrainMetrics, MetricsError> {
+        let r = registry;
+        let m = DrainMetrics {
+            shutdown_phase: reg(
+                r,
+                IntGauge::new(
+                    "tidegate_shutdown_phase",
+                    "Shutdown phase: 0 serving, 1 delay, 2 drain, 3 exiting",
+                )?,
+            )?,
+            drain_cut: reg(
+                r,
+                IntGauge::new(
+                    "tidegate_drain_cut_requests",
+                    "Requests still in flight when the drain timeout cut them off",
+                )?,
+            )?,
+        };
+        Ok(m)
     }
 }
 

@@ -127,12 +127,20 @@ async fn a_thousand_identical_gets_make_one_upstream_request() {
     eventually(
         "one leader at the app, the rest waiting",
         Duration::from_secs(60),
-        || tg.metrics.coalesce_waiting.get() == (N - 1) as i64,
+        || tg.metrics.coalesce.coalesce_waiting.get() == (N - 1) as i64,
     )
     .await;
     assert_eq!(app.hits(), 1, "only the leader reached the app");
-    assert_eq!(tg.metrics.queued.get(), 0, "followers take no queue place");
-    assert_eq!(tg.metrics.in_flight.get(), 1, "followers take no slot");
+    assert_eq!(
+        tg.metrics.admission.queued.get(),
+        0,
+        "followers take no queue place"
+    );
+    assert_eq!(
+        tg.metrics.admission.in_flight.get(),
+        1,
+        "followers take no slot"
+    );
     app.release.add_permits(1);
     for r in requests {
         let (status, text) = r.await.unwrap();
@@ -168,7 +176,7 @@ async fn burst(
 ) -> Vec<(u16, String)> {
     let addr = tg.addr;
     let before = app.hits();
-    let waiting_before = tg.metrics.coalesce_waiting.get();
+    let waiting_before = tg.metrics.coalesce.coalesce_waiting.get();
     let requests: Vec<_> = (0..n)
         .map(|i| {
             let h = headers(i);
@@ -180,7 +188,7 @@ async fn burst(
         Duration::from_secs(20),
         || {
             let at_app = app.hits() - before;
-            let waiting = (tg.metrics.coalesce_waiting.get() - waiting_before) as usize;
+            let waiting = (tg.metrics.coalesce.coalesce_waiting.get() - waiting_before) as usize;
             at_app >= 1 && at_app + waiting == n
         },
     )
@@ -240,7 +248,7 @@ async fn unsafe_or_uncacheable_requests_are_never_coalesced() {
             "{what}: every response is the request's own"
         );
     }
-    assert_eq!(tg.metrics.coalesce_waiting.get(), 0);
+    assert_eq!(tg.metrics.coalesce.coalesce_waiting.get(), 0);
     assert_eq!(
         metric(
             tg.admin,
@@ -265,7 +273,7 @@ async fn responses_that_must_not_be_shared_send_followers_alone() {
         eventually(
             "followers wait for the leader",
             Duration::from_secs(20),
-            || tg.metrics.coalesce_waiting.get() == (n - 1) as i64,
+            || tg.metrics.coalesce.coalesce_waiting.get() == (n - 1) as i64,
         )
         .await;
         assert_eq!(app.hits() - before, 1);
@@ -303,7 +311,7 @@ async fn vary_decides_who_may_share() {
     eventually(
         "followers wait for the leader",
         Duration::from_secs(20),
-        || tg.metrics.coalesce_waiting.get() == 3,
+        || tg.metrics.coalesce.coalesce_waiting.get() == 3,
     )
     .await;
     app.release.add_permits(8);
@@ -324,7 +332,11 @@ async fn vary_decides_who_may_share() {
     );
     assert_eq!(app.hits() - before, 1 + (langs.len() - shared));
     assert_eq!(
-        tg.metrics.coalesced.with_label_values(&["shared"]).get() as usize,
+        tg.metrics
+            .coalesce
+            .coalesced
+            .with_label_values(&["shared"])
+            .get() as usize,
         shared - 1
     );
 }
@@ -350,7 +362,7 @@ async fn followers_do_not_wait_for_a_slow_leader_client() {
         .map(|_| tokio::spawn(async move { raw_request(addr, "GET", "/hot/huge", "").await }))
         .collect();
     eventually("followers wait", Duration::from_secs(10), || {
-        tg.metrics.coalesce_waiting.get() == 2
+        tg.metrics.coalesce.coalesce_waiting.get() == 2
     })
     .await;
     app.release.add_permits(1);

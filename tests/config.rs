@@ -167,7 +167,7 @@ retry_after = "30s"
         })
     };
     eventually("upload in flight", Duration::from_secs(5), || {
-        tg.metrics.in_flight.get() == 1
+        tg.metrics.admission.in_flight.get() == 1
     })
     .await;
     let req = Request::post(tg.url("/upload/2")).body(empty()).unwrap();

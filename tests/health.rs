@@ -34,7 +34,7 @@ async fn probes_answer_fast_while_proxy_and_app_are_saturated() {
     }
     gate.wait_arrived(2).await;
     eventually("queue full", Duration::from_secs(5), || {
-        tg.metrics.queued.get() == 2
+        tg.metrics.admission.queued.get() == 2
     })
     .await;
 
@@ -339,7 +339,7 @@ async fn optional_unready_when_saturated_with_hysteresis() {
         tasks.push(tokio::spawn(async move { get(&url).await }));
     }
     eventually("queue full", Duration::from_secs(5), || {
-        tg.metrics.queued.get() == 4
+        tg.metrics.admission.queued.get() == 4
     })
     .await;
     let (status, _, body) = get(&tg.admin_url("/readyz")).await.unwrap();
@@ -348,7 +348,7 @@ async fn optional_unready_when_saturated_with_hysteresis() {
     // One request leaves the queue: 3 of 4 queued is above half, still unready (hysteresis).
     gate.release(1);
     eventually("3 queued", Duration::from_secs(5), || {
-        tg.metrics.queued.get() == 3
+        tg.metrics.admission.queued.get() == 3
     })
     .await;
     assert_eq!(
@@ -357,7 +357,7 @@ async fn optional_unready_when_saturated_with_hysteresis() {
     );
     gate.release(1);
     eventually("2 queued", Duration::from_secs(5), || {
-        tg.metrics.queued.get() == 2
+        tg.metrics.admission.queued.get() == 2
     })
     .await;
     assert_eq!(

@@ -136,7 +136,7 @@ async fn latency_step(algorithm: &str) {
     app.remove_workers(12).await;
     let down = limit_becomes(&tg, "limit falls when the app slows", |l| l <= 12).await;
     assert!(down >= 2, "floor respected: {down}");
-    let gauge = tg.metrics.concurrency_limit.get();
+    let gauge = tg.metrics.admission.concurrency_limit.get();
     assert!(
         (2..=100).contains(&gauge),
         "the gauge follows the limit: {gauge}"
@@ -317,7 +317,7 @@ async fn one_slot_held(
 
 async fn wait_queued(tg: &Tidegate, n: i64) {
     eventually(&format!("{n} queued"), Duration::from_secs(10), || {
-        tg.metrics.queued.get() == n
+        tg.metrics.admission.queued.get() == n
     })
     .await;
 }
@@ -448,11 +448,11 @@ async fn critical_requests_use_reserved_slots_jump_the_queue_and_are_shed_last()
     assert_eq!(gate.arrived()[2], "/checkout");
     gate.release.add_permits(1);
     eventually("a slot freed", Duration::from_secs(10), || {
-        tg.metrics.in_flight.get() == 1
+        tg.metrics.admission.in_flight.get() == 1
     })
     .await;
     assert_eq!(
-        tg.metrics.queued.get(),
+        tg.metrics.admission.queued.get(),
         1,
         "the free slot is the reserved one"
     );
@@ -484,13 +484,13 @@ async fn retries_queue_behind_first_attempts() {
     let (status, headers) = spawn_request(tg.url("/refused"), &[]).await.unwrap();
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(headers["tidegate-shed"], "queue-full");
-    let seen_before = tg.metrics.retries_seen.get();
+    let seen_before = tg.metrics.admission.retries_seen.get();
     // Now its next request counts as a retry too.
     let again = spawn_request(tg.url("/again"), &[]);
     eventually(
         "the client's next request is a retry",
         Duration::from_secs(5),
-        || tg.metrics.retries_seen.get() > seen_before,
+        || tg.metrics.admission.retries_seen.get() > seen_before,
     )
     .await;
     let _ = again.await;
@@ -514,7 +514,7 @@ async fn retries_queue_behind_first_attempts() {
     for r in [held, retry, first] {
         assert_eq!(r.await.unwrap().0, StatusCode::OK);
     }
-    assert_eq!(tg.metrics.retries_seen.get(), 1);
+    assert_eq!(tg.metrics.admission.retries_seen.get(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -15,11 +15,11 @@ use tokio::net::TcpStream;
 const REQUEST: &[u8] = b"GET /free HTTP/1.1\r\nHost: a\r\n\r\n";
 
 fn parked(tg: &Tidegate) -> i64 {
-    tg.metrics.connections_parked.get()
+    tg.metrics.connections.connections_parked.get()
 }
 
 fn parks(tg: &Tidegate) -> u64 {
-    tg.metrics.connection_parks.get()
+    tg.metrics.connections.connection_parks.get()
 }
 
 /// Waits until the parked-connections gauge reads `n`.

@@ -302,7 +302,11 @@ async fn a_connection_the_app_closed_after_its_response_is_not_reused() {
         );
     }
     assert_eq!(app.requests.load(Ordering::SeqCst), 30);
-    assert_eq!(tg.metrics.upstream_replays.get(), 0, "none was lost");
+    assert_eq!(
+        tg.metrics.upstream.upstream_replays.get(),
+        0,
+        "none was lost"
+    );
 }
 
 #[tokio::test]
@@ -333,17 +337,17 @@ async fn a_response_finished_in_the_background_gives_its_connection_back() {
     eventually(
         "the client connection closed",
         Duration::from_secs(10),
-        || tg.metrics.connections_open.get() == 0,
+        || tg.metrics.connections.connections_open.get() == 0,
     )
     .await;
     assert_eq!(
-        tg.metrics.in_flight.get(),
+        tg.metrics.admission.in_flight.get(),
         1,
         "the exchange still holds its slot"
     );
     release.notify_one();
     eventually("the exchange finished", Duration::from_secs(10), || {
-        tg.metrics.in_flight.get() == 0
+        tg.metrics.admission.in_flight.get() == 0
     })
     .await;
     get_ok(&tg.url("/")).await;
@@ -399,7 +403,7 @@ async fn requests_at_the_apps_keep_alive_timeout_get_no_502() {
     eprintln!(
         "{sent} requests, {} failed, {} replayed",
         failed.len(),
-        tg.metrics.upstream_replays.get()
+        tg.metrics.upstream.upstream_replays.get()
     );
     assert!(failed.is_empty(), "{failed:?} of {sent}");
     assert!(sent >= 50, "only {sent} requests in 30 s");
@@ -427,9 +431,10 @@ async fn a_get_a_reused_connection_drops_is_sent_again_on_a_new_one() {
         3,
         "the second one twice"
     );
-    assert_eq!(tg.metrics.upstream_replays.get(), 1);
+    assert_eq!(tg.metrics.upstream.upstream_replays.get(), 1);
     assert_eq!(
         tg.metrics
+            .upstream
             .upstream_errors
             .with_label_values(&["reset"])
             .get(),
@@ -446,7 +451,7 @@ async fn a_request_with_a_body_is_not_sent_again() {
     assert_eq!(status, StatusCode::BAD_GATEWAY);
     assert_eq!(headers["tidegate-error"], "upstream-reset");
     assert_eq!(app.requests.load(Ordering::SeqCst), 2, "sent once");
-    assert_eq!(tg.metrics.upstream_replays.get(), 0);
+    assert_eq!(tg.metrics.upstream.upstream_replays.get(), 0);
 }
 
 /// A request a new connection drops is not sent again: that failure is the app's, not a
@@ -459,7 +464,7 @@ async fn a_get_a_new_connection_drops_is_not_sent_again() {
     assert_eq!(status, StatusCode::BAD_GATEWAY);
     assert_eq!(headers["tidegate-error"], "upstream-reset");
     assert_eq!(app.requests.load(Ordering::SeqCst), 1, "sent once");
-    assert_eq!(tg.metrics.upstream_replays.get(), 0);
+    assert_eq!(tg.metrics.upstream.upstream_replays.get(), 0);
 }
 
 /// An h2c app that takes at most 4 concurrent streams and answers each after 5 ms; it counts

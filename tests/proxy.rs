@@ -385,12 +385,12 @@ async fn websocket_echo_tunnels_end_to_end() {
         assert_eq!(echoed.into_text().unwrap().as_str(), format!("hello {i}"));
     }
     // The tunnel holds its slot while open.
-    assert_eq!(tg.metrics.in_flight.get(), 1);
+    assert_eq!(tg.metrics.admission.in_flight.get(), 1);
     ws.close(None).await.unwrap();
     while let Some(Ok(_)) = ws.next().await {}
     drop(ws);
     eventually("tunnel slot freed", Duration::from_secs(5), || {
-        tg.metrics.in_flight.get() == 0
+        tg.metrics.admission.in_flight.get() == 0
     })
     .await;
     app.abort();
@@ -465,7 +465,7 @@ async fn hanging_upstream_gives_504() {
     assert!(start.elapsed() >= Duration::from_millis(300));
     assert!(start.elapsed() < Duration::from_secs(3));
     assert_eq!(
-        tg.metrics.in_flight.get(),
+        tg.metrics.admission.in_flight.get(),
         0,
         "a timed-out exchange frees its slot"
     );
@@ -577,7 +577,7 @@ async fn client_abort_finish_keeps_the_slot_until_the_app_is_done() {
 
     // The app is still busy: the slot stays taken and new work is refused.
     tokio::time::sleep(Duration::from_millis(200)).await; // give a wrong implementation time to free it
-    assert_eq!(tg.metrics.in_flight.get(), 1);
+    assert_eq!(tg.metrics.admission.in_flight.get(), 1);
     let (status, headers, _) = get(&tg.url("/other")).await.unwrap();
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(headers["tidegate-shed"], "queue-full");
@@ -590,7 +590,7 @@ async fn client_abort_finish_keeps_the_slot_until_the_app_is_done() {
     eventually(
         "slot freed after the app finished",
         Duration::from_secs(5),
-        || tg.metrics.in_flight.get() == 0,
+        || tg.metrics.admission.in_flight.get() == 0,
     )
     .await;
 }
@@ -630,14 +630,14 @@ async fn client_abort_cancel_closes_the_upstream_request() {
         app.hits.load(Ordering::SeqCst) == 1
     })
     .await;
-    assert_eq!(tg.metrics.in_flight.get(), 1);
+    assert_eq!(tg.metrics.admission.in_flight.get(), 1);
     drop(stream);
     eventually("upstream request closed", Duration::from_secs(5), || {
         cancelled.load(Ordering::SeqCst)
     })
     .await;
     eventually("slot freed", Duration::from_secs(5), || {
-        tg.metrics.in_flight.get() == 0
+        tg.metrics.admission.in_flight.get() == 0
     })
     .await;
 }

@@ -44,7 +44,7 @@ async fn exactly_n_reach_the_app_q_wait_and_the_rest_are_refused_at_once() {
         queued.push(spawn_get(tg.url(&format!("/q{i}"))));
     }
     eventually("Q requests queued", Duration::from_secs(5), || {
-        tg.metrics.queued.get() == Q as i64
+        tg.metrics.admission.queued.get() == Q as i64
     })
     .await;
     assert_eq!(metric(tg.admin, "tidegate_queued").await, Some(Q as f64));
@@ -88,7 +88,7 @@ async fn exactly_n_reach_the_app_q_wait_and_the_rest_are_refused_at_once() {
     }
     assert_eq!(gate.arrived(), N + Q);
     eventually("gauges back to zero", Duration::from_secs(5), || {
-        tg.metrics.in_flight.get() == 0 && tg.metrics.queued.get() == 0
+        tg.metrics.admission.in_flight.get() == 0 && tg.metrics.admission.queued.get() == 0
     })
     .await;
 }
@@ -153,7 +153,7 @@ async fn full_slow_route_does_not_starve_fast_requests() {
     eventually(
         "2 slow requests queued for their route",
         Duration::from_secs(5),
-        || tg.metrics.queued.get() == 2,
+        || tg.metrics.admission.queued.get() == 2,
     )
     .await;
     assert_eq!(gate.arrived(), 2, "the route limit holds");
@@ -243,18 +243,18 @@ async fn cancelled_queued_client_frees_its_place_and_takes_no_slot() {
         .await
         .unwrap();
     eventually("queued", Duration::from_secs(5), || {
-        tg.metrics.queued.get() == 1
+        tg.metrics.admission.queued.get() == 1
     })
     .await;
     drop(queued);
     eventually("queue place freed", Duration::from_secs(5), || {
-        tg.metrics.queued.get() == 0
+        tg.metrics.admission.queued.get() == 0
     })
     .await;
     // The place is usable again: this one queues instead of being refused.
     let next = spawn_get(tg.url("/next"));
     eventually("next queued", Duration::from_secs(5), || {
-        tg.metrics.queued.get() == 1
+        tg.metrics.admission.queued.get() == 1
     })
     .await;
     gate.release(2);
@@ -349,9 +349,9 @@ async fn random_load_with_cancellations_leaks_no_permits() {
         "client connections closed, in-flight and queued gauges back to exactly 0",
         Duration::from_secs(10),
         || {
-            tg.metrics.connections_open.get() == 0
-                && tg.metrics.in_flight.get() == 0
-                && tg.metrics.queued.get() == 0
+            tg.metrics.connections.connections_open.get() == 0
+                && tg.metrics.admission.in_flight.get() == 0
+                && tg.metrics.admission.queued.get() == 0
         },
     )
     .await;

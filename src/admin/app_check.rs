@@ -1,5 +1,6 @@
 //! Active health checks of the app, on their own connection and outside the concurrency cap.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -9,8 +10,10 @@ use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 
 use super::health::HealthState;
-use crate::config::Upstream;
+use super::metrics::{AdminMetrics, CheckResult};
+use crate::config::{LiveConfig, Upstream};
 use crate::error::BoxError;
+use crate::metrics::LabelValues;
 use crate::outbound::connect;
 
 /// Settings of one round of checks, read from the live config before each check.
@@ -28,7 +31,9 @@ struct CheckConfig {
 #[derive(Debug)]
 pub struct AppChecker {
     upstream: Upstream,
+    live: LiveConfig,
     state: HealthState,
+    metrics: Arc<AdminMetrics>,
 }
 
 /// One check's result.
@@ -47,14 +52,24 @@ struct BadStatus(StatusCode);
 // === impl AppChecker ===
 
 impl AppChecker {
-    /// A checker of `upstream` that reports into `state` (and reads its settings from the
-    /// live config in `state`, so they can change on reload).
-    pub fn new(upstream: Upstream, state: HealthState) -> AppChecker {
-        AppChecker { upstream, state }
+    /// A checker of `upstream` that reports into `state` and `metrics`, and reads its
+    /// settings from `live`, so they can change on reload.
+    pub fn new(
+        upstream: Upstream,
+        live: LiveConfig,
+        state: HealthState,
+        metrics: Arc<AdminMetrics>,
+    ) -> AppChecker {
+        AppChecker {
+            upstream,
+            live,
+            state,
+            metrics,
+        }
     }
 
     fn settings(&self) -> CheckConfig {
-        let config = self.state.live().load();
+        let config = self.live.load();
         let a = &config.args;
         CheckConfig {
             path: a.app_health_path.clone(),
@@ -70,7 +85,7 @@ impl AppChecker {
         let mut passes = 0u32;
         let mut failures = 0u32;
         let mut healthy = false;
-        let metrics = self.state.metrics().clone();
+        let metrics = self.metrics.clone();
         loop {
             let settings = self.settings();
             let start = Instant::now();
@@ -97,12 +112,15 @@ impl AppChecker {
                     }
                 }
             };
-            let label = match outcome {
-                Outcome::Pass => "pass",
-                Outcome::Fail => "fail",
-                Outcome::Busy => "busy",
+            let result = match outcome {
+                Outcome::Pass => CheckResult::Pass,
+                Outcome::Fail => CheckResult::Fail,
+                Outcome::Busy => CheckResult::Busy,
             };
-            metrics.app_health_checks.with_label_values(&[label]).inc();
+            metrics
+                .app_health_checks
+                .with_label_values(&[result.as_label()])
+                .inc();
             match outcome {
                 Outcome::Pass => {
                     self.state.record_pass();

@@ -6,10 +6,10 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use super::metrics::AdminMetrics;
 use crate::admission::Limiter;
 use crate::config::LiveConfig;
 use crate::drain::{Lifecycle, Phase};
-use crate::metrics::Metrics;
 pub use crate::outbound::progress::{Progress, Stamp};
 
 /// Health state shared by the proxy lane, the health checker and the admin lane.
@@ -24,7 +24,7 @@ struct Shared {
     live: LiveConfig,
     lifecycle: Lifecycle,
     limiter: Limiter,
-    metrics: Arc<Metrics>,
+    metrics: Arc<AdminMetrics>,
     heartbeat: Stamp,
     /// Heartbeats of the other proxy threads (`--runtime per-thread`).
     thread_beats: std::sync::Mutex<Vec<Stamp>>,
@@ -42,7 +42,7 @@ impl HealthState {
         live: LiveConfig,
         lifecycle: Lifecycle,
         limiter: Limiter,
-        metrics: Arc<Metrics>,
+        metrics: Arc<AdminMetrics>,
     ) -> HealthState {
         HealthState {
             shared: Arc::new(Shared {
@@ -78,26 +78,6 @@ impl HealthState {
     /// The progress clock the proxy stamps when the app completes a response.
     pub fn progress(&self) -> &Progress {
         &self.shared.progress
-    }
-
-    /// The shutdown lifecycle.
-    pub fn lifecycle(&self) -> &Lifecycle {
-        &self.shared.lifecycle
-    }
-
-    /// The live configuration.
-    pub fn live(&self) -> &LiveConfig {
-        &self.shared.live
-    }
-
-    /// The admission limiter.
-    pub fn limiter(&self) -> &Limiter {
-        &self.shared.limiter
-    }
-
-    /// The metrics.
-    pub fn metrics(&self) -> &Arc<Metrics> {
-        &self.shared.metrics
     }
 
     /// `/livez`: the proxy runtime is responsive.
@@ -217,9 +197,18 @@ mod tests {
     async fn livez_needs_every_proxy_thread_alive() {
         let config = crate::Config::try_from_iter(["tidegate", "--heartbeat-timeout", "5s"])
             .expect("config");
-        let metrics = Arc::new(Metrics::new().expect("metrics"));
-        let limiter = Limiter::new(&crate::admission::LimitConfig::default(), &metrics);
-        let health = HealthState::new(LiveConfig::new(config), Lifecycle::new(), limiter, metrics);
+        let metrics = crate::app::Metrics::new().expect("metrics");
+        let limiter = Limiter::new(
+            &crate::admission::LimitConfig::default(),
+            metrics.admission.clone(),
+            metrics.requests.clone(),
+        );
+        let health = HealthState::new(
+            LiveConfig::new(config),
+            Lifecycle::new(),
+            limiter,
+            metrics.admin.clone(),
+        );
         health.heartbeat().record();
         assert!(health.livez().is_ok());
 

@@ -14,6 +14,7 @@
 
 mod app_check;
 pub mod health;
+pub mod metrics;
 
 use std::convert::Infallible;
 use std::io;
@@ -34,7 +35,12 @@ use tokio_util::task::TaskTracker;
 
 pub use self::app_check::AppChecker;
 use self::health::HealthState;
-use crate::drain::DrainOutcome;
+use self::metrics::{AdminMetrics, AdminPath};
+use crate::admission::Limiter;
+use crate::config::LiveConfig;
+use crate::drain::{DrainMetrics, DrainOutcome, Lifecycle};
+use crate::metrics::LabelValues;
+use crate::stack::coalesce::metrics::CoalesceMetrics;
 
 /// The running admin lane.
 #[derive(Debug)]
@@ -44,12 +50,34 @@ pub struct AdminHandle {
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
+/// What the admin lane's endpoints read and act on: the health state probes answer from, and
+/// what `/state`, `/metrics`, `/prestop` and `/drain` need beside it.
+#[derive(Clone, Debug)]
+pub struct AdminState {
+    /// Liveness, readiness and the app's progress.
+    pub health: HealthState,
+    /// The configuration in force (the admin token and allow-list are read per request).
+    pub live: LiveConfig,
+    /// The shutdown phases: `/prestop` and `/drain` start them.
+    pub lifecycle: Lifecycle,
+    /// Admission, for `/state` and the gauges refreshed before `/metrics`.
+    pub limiter: Limiter,
+    /// This lane's families.
+    pub metrics: Arc<AdminMetrics>,
+    /// Coalescing, shown in `/state`.
+    pub coalesce: Arc<CoalesceMetrics>,
+    /// The shutdown phase gauge, refreshed before `/metrics`.
+    pub drain: Arc<DrainMetrics>,
+    /// Every family, encoded by `/metrics`.
+    pub registry: prometheus::Registry,
+}
+
 type AdminResponse = Response<Full<Bytes>>;
 
 /// Starts the admin lane on its own thread and runtime, with the app checker beside it.
 pub fn spawn(
     listener: std::net::TcpListener,
-    health: HealthState,
+    admin: AdminState,
     checker: AppChecker,
 ) -> io::Result<AdminHandle> {
     listener.set_nonblocking(true)?;
@@ -66,7 +94,7 @@ pub fn spawn(
                 match tokio::net::TcpListener::from_std(listener) {
                     Ok(listener) => {
                         tokio::spawn(checker.run());
-                        serve(listener, health, stop_rx).await;
+                        serve(listener, admin, stop_rx).await;
                     }
                     Err(error) => tracing::error!(%error, "Admin listener failed"),
                 }
@@ -85,7 +113,7 @@ const MAX_ADMIN_CONNECTIONS: usize = 256;
 /// Largest request head the admin lane reads (its requests are short).
 const ADMIN_MAX_HEADER_BYTES: usize = 8 * 1024;
 
-async fn serve(listener: tokio::net::TcpListener, health: HealthState, stop: Arc<Notify>) {
+async fn serve(listener: tokio::net::TcpListener, admin: AdminState, stop: Arc<Notify>) {
     let connections = TaskTracker::new();
     let (closing_tx, closing) = watch::channel(false);
     let stopped = stop.notified();
@@ -109,13 +137,13 @@ async fn serve(listener: tokio::net::TcpListener, health: HealthState, stop: Arc
             continue;
         }
         let _ = stream.set_nodelay(true);
-        let health = health.clone();
+        let admin = admin.clone();
         let peer = peer.ip().to_canonical();
         let mut closing = closing.clone();
         connections.spawn(async move {
             let service = hyper::service::service_fn(move |req| {
-                let health = health.clone();
-                async move { Ok::<_, Infallible>(handle(req, &health, peer).await) }
+                let admin = admin.clone();
+                async move { Ok::<_, Infallible>(handle(req, &admin, peer).await) }
             });
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -138,43 +166,53 @@ async fn serve(listener: tokio::net::TcpListener, health: HealthState, stop: Arc
     let _ = tokio::time::timeout(Duration::from_secs(2), connections.wait()).await;
 }
 
-async fn handle(req: Request<Incoming>, health: &HealthState, peer: IpAddr) -> AdminResponse {
+async fn handle(req: Request<Incoming>, admin: &AdminState, peer: IpAddr) -> AdminResponse {
     let start = Instant::now();
     let path = req.uri().path();
     let (label, response) = match (req.method(), path) {
-        (&Method::GET | &Method::HEAD, "/livez") => ("/livez", verdict(health.livez())),
-        (&Method::GET | &Method::HEAD, "/readyz") => ("/readyz", verdict(health.readyz())),
-        (&Method::GET | &Method::HEAD, "/app/livez") => ("/app/livez", verdict(health.app_livez())),
-        (&Method::GET, "/metrics") => ("/metrics", metrics(health)),
-        (&Method::GET, "/state") => ("/state", state(health)),
-        (&Method::GET, "/prestop") => match unauthorized(&req, health, peer) {
-            None => ("/prestop", prestop(health).await),
-            Some(denied) => ("/prestop", denied),
+        (&Method::GET | &Method::HEAD, "/livez") => {
+            (AdminPath::Livez, verdict(admin.health.livez()))
+        }
+        (&Method::GET | &Method::HEAD, "/readyz") => {
+            (AdminPath::Readyz, verdict(admin.health.readyz()))
+        }
+        (&Method::GET | &Method::HEAD, "/app/livez") => {
+            (AdminPath::AppLivez, verdict(admin.health.app_livez()))
+        }
+        (&Method::GET, "/metrics") => (AdminPath::Metrics, metrics(admin)),
+        (&Method::GET, "/state") => (AdminPath::State, state(admin)),
+        (&Method::GET, "/prestop") => match unauthorized(&req, admin, peer) {
+            None => (AdminPath::Prestop, prestop(admin).await),
+            Some(denied) => (AdminPath::Prestop, denied),
         },
-        (&Method::POST | &Method::PUT, "/drain") => match unauthorized(&req, health, peer) {
-            None => ("/drain", drain(health)),
-            Some(denied) => ("/drain", denied),
+        (&Method::POST | &Method::PUT, "/drain") => match unauthorized(&req, admin, peer) {
+            None => (AdminPath::Drain, drain(admin)),
+            Some(denied) => (AdminPath::Drain, denied),
         },
         (
             _,
             "/livez" | "/readyz" | "/app/livez" | "/metrics" | "/state" | "/prestop" | "/drain",
         ) => (
-            "other",
+            AdminPath::Other,
             text(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method not allowed\n".into(),
             ),
         ),
-        _ => ("other", text(StatusCode::NOT_FOUND, "not found\n".into())),
+        _ => (
+            AdminPath::Other,
+            text(StatusCode::NOT_FOUND, "not found\n".into()),
+        ),
     };
-    let metrics = health.metrics();
-    metrics
+    admin
+        .metrics
         .probes
-        .with_label_values(&[label, response.status().as_str()])
+        .with_label_values(&[label.as_label(), response.status().as_str()])
         .inc();
-    metrics
+    admin
+        .metrics
         .probe_duration
-        .with_label_values(&[label])
+        .with_label_values(&[label.as_label()])
         .observe(start.elapsed().as_secs_f64());
     response
 }
@@ -185,10 +223,10 @@ async fn handle(req: Request<Incoming>, health: &HealthState, peer: IpAddr) -> A
 /// refusal, if any.
 fn unauthorized(
     req: &Request<Incoming>,
-    health: &HealthState,
+    admin: &AdminState,
     peer: IpAddr,
 ) -> Option<AdminResponse> {
-    let config = health.live().load();
+    let config = admin.live.load();
     let allow = &config.args.admin_allow;
     if !allow.is_empty() && !allow.iter().any(|net| net.contains(&peer)) {
         tracing::warn!(client.addr = %peer, "Refused a shutdown request from outside --admin-allow");
@@ -226,15 +264,16 @@ fn verdict(result: Result<(), String>) -> AdminResponse {
     }
 }
 
-fn metrics(health: &HealthState) -> AdminResponse {
+fn metrics(admin: &AdminState) -> AdminResponse {
     // Refresh the gauges that are computed rather than counted.
-    let _ = health.readyz();
-    let metrics = health.metrics();
-    metrics
+    let _ = admin.health.readyz();
+    admin
+        .drain
         .shutdown_phase
-        .set(health.lifecycle().phase() as i64);
-    health.limiter().publish_gauges();
-    let mut rsp = Response::new(Full::new(Bytes::from(metrics.encode())));
+        .set(admin.lifecycle.phase() as i64);
+    admin.limiter.publish_gauges();
+    let body = crate::metrics::encode(&admin.registry);
+    let mut rsp = Response::new(Full::new(Bytes::from(body)));
     rsp.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
@@ -243,16 +282,16 @@ fn metrics(health: &HealthState) -> AdminResponse {
 }
 
 /// `GET /state`: what admission control is doing and every knob that shapes it, as JSON.
-fn state(health: &HealthState) -> AdminResponse {
+fn state(admin: &AdminState) -> AdminResponse {
     let view = serde_json::json!({
-        "ready": health.readyz().is_ok(),
-        "phase": format!("{:?}", health.lifecycle().phase()).to_lowercase(),
-        "limiter": health.limiter().state(),
-        "coalesce_waiting": health.metrics().coalesce_waiting.get(),
+        "ready": admin.health.readyz().is_ok(),
+        "phase": format!("{:?}", admin.lifecycle.phase()).to_lowercase(),
+        "limiter": admin.limiter.state(),
+        "coalesce_waiting": admin.coalesce.coalesce_waiting.get(),
         "coalesce_cache": {
-            "entries": health.metrics().coalesce_cache_entries.get(),
-            "bytes": health.metrics().coalesce_cache_bytes.get(),
-            "max_bytes": health.live().peek().args.coalesce_cache_size.as_u64(),
+            "entries": admin.coalesce.coalesce_cache_entries.get(),
+            "bytes": admin.coalesce.coalesce_cache_bytes.get(),
+            "max_bytes": admin.live.peek().args.coalesce_cache_size.as_u64(),
         },
     });
     let mut rsp = Response::new(Full::new(Bytes::from(format!("{view:#}\n"))));
@@ -263,8 +302,8 @@ fn state(health: &HealthState) -> AdminResponse {
     rsp
 }
 
-async fn prestop(health: &HealthState) -> AdminResponse {
-    let lifecycle = health.lifecycle();
+async fn prestop(admin: &AdminState) -> AdminResponse {
+    let lifecycle = &admin.lifecycle;
     if lifecycle.start_shutdown() {
         tracing::info!("Shutdown requested by GET /prestop");
     }
@@ -277,13 +316,13 @@ async fn prestop(health: &HealthState) -> AdminResponse {
     }
 }
 
-fn drain(health: &HealthState) -> AdminResponse {
-    if health.lifecycle().start_shutdown() {
+fn drain(admin: &AdminState) -> AdminResponse {
+    if admin.lifecycle.start_shutdown() {
         tracing::info!("Shutdown requested by POST /drain");
     }
     text(
         StatusCode::ACCEPTED,
-        format!("shutting down ({})\n", health.lifecycle().phase().as_str()),
+        format!("shutting down ({})\n", admin.lifecycle.phase().as_str()),
     )
 }
 

@@ -15,6 +15,7 @@
 pub mod adaptive;
 mod classify;
 mod gate;
+pub mod metrics;
 mod queue;
 mod slots;
 mod state;
@@ -34,6 +35,7 @@ use self::adaptive::{AdaptiveConfig, Update};
 use self::classify::Classifier;
 pub use self::classify::{ClassifyConfig, RequestClass};
 use self::gate::Gate;
+use self::metrics::AdmissionMetrics;
 pub use self::queue::{Entry, Queued};
 pub use self::slots::{AdaptiveView, Discipline, Priority, SlotsView};
 use self::slots::{Slots, UNLIMITED};
@@ -41,7 +43,7 @@ pub use self::state::{LimiterState, RouteView};
 pub use crate::config::route::{PathMatch, RouteSpec, RouteTable};
 use crate::config::{Config, MaxConcurrency};
 use crate::error::{Overloaded, Rejected, ShedReason};
-use crate::metrics::Metrics;
+use crate::metrics::RequestMetrics;
 
 /// Label used for requests that match no route.
 pub const DEFAULT_ROUTE: &str = "default";
@@ -157,7 +159,8 @@ struct Shared {
     logged_limit: AtomicU32,
     queued: AtomicUsize,
     draining: AtomicBool,
-    metrics: Arc<Metrics>,
+    metrics: Arc<AdmissionMetrics>,
+    requests: Arc<RequestMetrics>,
 }
 
 /// The route set in force; replaced whole on reload.
@@ -208,7 +211,11 @@ enum Sample {
 
 impl Limiter {
     /// Builds the limiter and publishes its limits as gauges.
-    pub fn new(config: &LimitConfig, metrics: &Arc<Metrics>) -> Limiter {
+    pub fn new(
+        config: &LimitConfig,
+        metrics: Arc<AdmissionMetrics>,
+        requests: Arc<RequestMetrics>,
+    ) -> Limiter {
         let shared = Arc::new(Shared {
             global: Arc::new(Slots::new(UNLIMITED)),
             routes: ArcSwap::from_pointee(Routes {
@@ -216,7 +223,7 @@ impl Limiter {
                 table: RouteTable::default(),
                 states: Vec::new(),
             }),
-            default_route: RouteCounters::new(metrics, DEFAULT_ROUTE),
+            default_route: RouteCounters::new(&metrics, DEFAULT_ROUTE),
             max_queue: AtomicUsize::new(config.max_queue),
             queue_timeout_ms: AtomicU64::new(config.queue_timeout.as_millis() as u64),
             max_request_body: AtomicU64::new(u64::MAX),
@@ -225,7 +232,8 @@ impl Limiter {
             logged_limit: AtomicU32::new(0),
             queued: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
-            metrics: metrics.clone(),
+            metrics,
+            requests,
         });
         let limiter = Limiter { shared };
         limiter.reconfigure(config);
@@ -380,7 +388,7 @@ impl Limiter {
 
     /// Counts a request refused for breaking a limit, and returns the refusal.
     pub fn reject(&self, rejected: Rejected) -> Rejected {
-        self.shared.metrics.count_rejection(&rejected);
+        self.shared.requests.count_rejection(&rejected);
         rejected
     }
 
@@ -523,7 +531,7 @@ impl Shared {
 // === impl RouteCounters ===
 
 impl RouteCounters {
-    fn new(metrics: &Metrics, route: &str) -> RouteCounters {
+    fn new(metrics: &AdmissionMetrics, route: &str) -> RouteCounters {
         RouteCounters {
             in_flight: metrics.route_in_flight.with_label_values(&[route]),
             queued: metrics.route_queued.with_label_values(&[route]),
@@ -627,9 +635,14 @@ mod tests {
         }
     }
 
-    fn limiter(n: u32, q: usize, routes: &[&str]) -> (Limiter, Arc<Metrics>) {
-        let metrics = Arc::new(Metrics::new().unwrap());
-        (Limiter::new(&config(n, q, routes), &metrics), metrics)
+    fn limiter(n: u32, q: usize, routes: &[&str]) -> (Limiter, Arc<AdmissionMetrics>) {
+        let metrics = crate::app::Metrics::new().unwrap();
+        let limiter = Limiter::new(
+            &config(n, q, routes),
+            metrics.admission.clone(),
+            metrics.requests.clone(),
+        );
+        (limiter, metrics.admission)
     }
 
     async fn get(limiter: &Limiter, path: &str) -> Result<Admission, Overloaded> {
@@ -861,8 +874,8 @@ mod tests {
         );
     }
 
-    fn auto_limiter() -> (Limiter, Arc<Metrics>) {
-        let metrics = Arc::new(Metrics::new().unwrap());
+    fn auto_limiter() -> (Limiter, Arc<AdmissionMetrics>) {
+        let metrics = crate::app::Metrics::new().unwrap();
         let config = LimitConfig {
             adaptive: Some(AdaptiveConfig {
                 algorithm: adaptive::Algorithm::Gradient,
@@ -871,7 +884,8 @@ mod tests {
             }),
             ..config(1, 0, &[])
         };
-        (Limiter::new(&config, &metrics), metrics)
+        let limiter = Limiter::new(&config, metrics.admission.clone(), metrics.requests.clone());
+        (limiter, metrics.admission)
     }
 
     /// Holds ten admissions for 200 ms, adjusting each with `adjust`, and returns the recent

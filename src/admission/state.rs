@@ -1,6 +1,8 @@
 //! What the limiter is doing now: the `/state` JSON view and the gauges derived from it,
 //! refreshed when `/metrics` is scraped.
 
+use super::metrics::{AdmissionSetting, LatencyWindow};
+use crate::metrics::LabelValues;
 use std::sync::atomic::Ordering;
 
 use serde::Serialize;
@@ -130,13 +132,13 @@ impl Limiter {
         metrics.service_rate.set(view.service_rate);
         if let Some(adaptive) = &view.adaptive {
             for (label, value) in [
-                ("recent", adaptive.recent_latency),
-                ("baseline", adaptive.baseline_latency),
+                (LatencyWindow::Recent, adaptive.recent_latency),
+                (LatencyWindow::Baseline, adaptive.baseline_latency),
             ] {
                 if let Some(seconds) = value {
                     metrics
                         .adaptive_latency
-                        .with_label_values(&[label])
+                        .with_label_values(&[label.as_label()])
                         .set(seconds);
                 }
             }
@@ -147,26 +149,29 @@ impl Limiter {
         let discipline = view.discipline;
         let (min, max) = view.adaptive.as_ref().map_or((0, 0), |a| (a.min, a.max));
         for (setting, value) in [
-            ("min_concurrency", f64::from(min)),
-            ("max_concurrency_ceiling", f64::from(max)),
-            ("reserved_slots", view.reserved as f64),
+            (AdmissionSetting::MinConcurrency, f64::from(min)),
+            (AdmissionSetting::MaxConcurrencyCeiling, f64::from(max)),
+            (AdmissionSetting::ReservedSlots, view.reserved as f64),
             (
-                "queue_codel_target_seconds",
+                AdmissionSetting::QueueCodelTargetSeconds,
                 discipline.codel_target.map_or(0.0, |d| d.as_secs_f64()),
             ),
             (
-                "queue_codel_interval_seconds",
+                AdmissionSetting::QueueCodelIntervalSeconds,
                 discipline.codel_interval.as_secs_f64(),
             ),
-            ("queue_lifo", f64::from(u8::from(discipline.lifo))),
             (
-                "queue_timeout_seconds",
+                AdmissionSetting::QueueLifo,
+                f64::from(u8::from(discipline.lifo)),
+            ),
+            (
+                AdmissionSetting::QueueTimeoutSeconds,
                 shared.queue_timeout_ms.load(Ordering::Relaxed) as f64 / 1e3,
             ),
         ] {
             metrics
                 .admission_setting
-                .with_label_values(&[setting])
+                .with_label_values(&[setting.as_label()])
                 .set(value);
         }
     }

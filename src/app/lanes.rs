@@ -11,10 +11,11 @@ use tokio_util::task::TaskTracker;
 
 use super::StartError;
 use crate::admin::health::{HealthState, Stamp};
+use crate::app::Metrics;
 use crate::config::{LiveConfig, RuntimeMode};
 use crate::drain::Lifecycle;
 use crate::inbound;
-use crate::metrics::Metrics;
+use crate::inbound::metrics::ConnectionMetrics;
 use crate::outbound::Proxy;
 use crate::stack::ProxyStack;
 
@@ -69,7 +70,8 @@ pub(super) fn spawn(
         worker_stack.proxy = Proxy::new(
             shared.live.clone(),
             shared.health.progress().clone(),
-            shared.metrics.clone(),
+            shared.metrics.upstream.clone(),
+            shared.metrics.requests.clone(),
             shared.tunnels.clone(),
         );
         let lane = Lane {
@@ -77,7 +79,7 @@ pub(super) fn spawn(
             stack: worker_stack,
             live: shared.live.clone(),
             lifecycle: shared.lifecycle.clone(),
-            metrics: shared.metrics.clone(),
+            metrics: shared.metrics.connections.clone(),
             connections: connections.clone(),
             tunnels: shared.tunnels.clone(),
         };
@@ -91,7 +93,7 @@ pub(super) fn spawn(
         stack,
         shared.live,
         shared.lifecycle,
-        shared.metrics,
+        shared.metrics.connections.clone(),
         connections.clone(),
     ));
     Ok(Lanes {
@@ -120,7 +122,7 @@ struct Lane {
     stack: ProxyStack,
     live: LiveConfig,
     lifecycle: Lifecycle,
-    metrics: Arc<Metrics>,
+    metrics: Arc<ConnectionMetrics>,
     connections: TaskTracker,
     tunnels: TaskTracker,
 }

@@ -3,6 +3,7 @@
 
 mod lanes;
 pub mod logging;
+pub mod metrics;
 pub mod reload;
 mod shutdown;
 pub mod signals;
@@ -15,14 +16,15 @@ use std::time::Duration;
 
 use tokio_util::task::TaskTracker;
 
+pub use self::metrics::Metrics;
 use crate::admin::AppChecker;
 use crate::admin::health::HealthState;
-use crate::admin::{self, AdminHandle};
+use crate::admin::{self, AdminHandle, AdminState};
 use crate::admission::{LimitConfig, Limiter};
 use crate::app::reload::Reloader;
 use crate::config::{Config, LiveConfig};
 use crate::drain::{DrainOutcome, Lifecycle, Phase};
-use crate::metrics::{Metrics, MetricsError};
+use crate::metrics::MetricsError;
 use crate::outbound::Proxy;
 use crate::stack::ProxyStack;
 use crate::stack::close::CloseOnShutdownLayer;
@@ -99,13 +101,17 @@ impl Server {
         let (admin_listener, admin_addr) = bind("admin-listen", config.args.admin_listen)?;
         let metrics = Arc::new(Metrics::new()?);
         let lifecycle = Lifecycle::new();
-        let limiter = Limiter::new(&LimitConfig::new(&config), &metrics);
+        let limiter = Limiter::new(
+            &LimitConfig::new(&config),
+            metrics.admission.clone(),
+            metrics.requests.clone(),
+        );
         let live = LiveConfig::new(config);
         let health = HealthState::new(
             live.clone(),
             lifecycle.clone(),
             limiter.clone(),
-            metrics.clone(),
+            metrics.admin.clone(),
         );
         let reloader = Arc::new(Reloader::new(
             live.clone(),
@@ -171,23 +177,39 @@ impl Server {
                  set --admin-token or --admin-allow to restrict them"
             );
         }
-        let checker = AppChecker::new(config.args.upstream.clone(), self.health.clone());
-        let admin = admin::spawn(self.admin_listener, self.health.clone(), checker)
+        let checker = AppChecker::new(
+            config.args.upstream.clone(),
+            self.live.clone(),
+            self.health.clone(),
+            self.metrics.admin.clone(),
+        );
+        let admin_state = AdminState {
+            health: self.health.clone(),
+            live: self.live.clone(),
+            lifecycle: self.lifecycle.clone(),
+            limiter: self.limiter.clone(),
+            metrics: self.metrics.admin.clone(),
+            coalesce: self.metrics.coalesce.clone(),
+            drain: self.metrics.drain.clone(),
+            registry: self.metrics.registry().clone(),
+        };
+        let admin = admin::spawn(self.admin_listener, admin_state, checker)
             .map_err(|e| StartError::Runtime("admin thread", e))?;
         let tunnels = TaskTracker::new();
         let proxy = Proxy::new(
             self.live.clone(),
             self.health.progress().clone(),
-            self.metrics.clone(),
+            self.metrics.upstream.clone(),
+            self.metrics.requests.clone(),
             tunnels.clone(),
         );
         let stack = ProxyStack {
-            record: RecordLayer::new(self.metrics.clone(), self.live.clone()),
+            record: RecordLayer::new(self.metrics.requests.clone(), self.live.clone()),
             close: CloseOnShutdownLayer::new(self.lifecycle.clone()),
             rescue: RescueLayer::new(self.live.clone()),
-            screen: ScreenLayer::new(self.live.clone(), self.metrics.clone()),
+            screen: ScreenLayer::new(self.live.clone(), self.metrics.requests.clone()),
             route: RouteLayer::new(self.limiter.clone()),
-            coalesce: CoalesceLayer::new(self.live.clone(), self.metrics.clone()),
+            coalesce: CoalesceLayer::new(self.live.clone(), self.metrics.coalesce.clone()),
             limit: LimitLayer::new(self.limiter.clone()),
             proxy,
         };
@@ -243,7 +265,7 @@ impl Running {
             .map(|path| tokio::spawn(reloader.watch(path, CONFIG_POLL)));
         let heartbeat = tokio::spawn(lanes::beat(
             health.heartbeat().clone(),
-            Some(metrics.runtime_tasks.clone()),
+            Some(metrics.process.runtime_tasks.clone()),
         ));
         let lanes = lanes::spawn(
             proxy_listener,

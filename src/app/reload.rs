@@ -10,9 +10,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::admission::{LimitConfig, Limiter};
+use crate::app::Metrics;
+use crate::app::metrics::ReloadResult;
 use crate::config::{LiveConfig, content_hash};
 use crate::error::ErrorChain;
-use crate::metrics::Metrics;
+use crate::metrics::LabelValues;
 
 /// Applies new configurations.
 #[derive(Debug)]
@@ -29,8 +31,11 @@ pub struct Reloader {
 impl Reloader {
     /// A reloader for `live`; publishes generation 1 and the file hash.
     pub fn new(live: LiveConfig, limiter: Limiter, metrics: Arc<Metrics>) -> Reloader {
-        metrics.config_generation.set(1);
-        metrics.config_hash.set(hash_gauge(live.load().file_hash()));
+        metrics.process.config_generation.set(1);
+        metrics
+            .process
+            .config_hash
+            .set(hash_gauge(live.load().file_hash()));
         Reloader {
             live,
             limiter,
@@ -61,19 +66,27 @@ impl Reloader {
                 self.limiter.reconfigure(&LimitConfig::new(&next));
                 let hash = next.file_hash();
                 self.live.store(next);
-                self.metrics.reloads.with_label_values(&["ok"]).inc();
-                self.metrics.config_generation.inc();
-                self.metrics.config_hash.set(hash_gauge(hash));
+                self.metrics
+                    .process
+                    .reloads
+                    .with_label_values(&[ReloadResult::Ok.as_label()])
+                    .inc();
+                self.metrics.process.config_generation.inc();
+                self.metrics.process.config_hash.set(hash_gauge(hash));
                 tracing::info!(
                     trigger,
                     file = %path.display(),
-                    generation = self.metrics.config_generation.get(),
+                    generation = self.metrics.process.config_generation.get(),
                     "Configuration reloaded"
                 );
                 true
             }
             Err(error) => {
-                self.metrics.reloads.with_label_values(&["error"]).inc();
+                self.metrics
+                    .process
+                    .reloads
+                    .with_label_values(&[ReloadResult::Error.as_label()])
+                    .inc();
                 tracing::error!(
                     trigger,
                     error = %ErrorChain(&error),

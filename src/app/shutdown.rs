@@ -9,9 +9,9 @@ use tokio_util::task::TaskTracker;
 
 use super::lanes::Lanes;
 use crate::admission::Limiter;
+use crate::app::Metrics;
 use crate::config::{Config, LiveConfig};
 use crate::drain::{DrainOutcome, Lifecycle, Phase};
-use crate::metrics::Metrics;
 
 /// How long refused queued requests get to be written when the drain timeout hits.
 const REFUSAL_FLUSH: Duration = Duration::from_millis(250);
@@ -39,7 +39,7 @@ pub(super) async fn walk(mut walk: Walk) -> DrainOutcome {
 /// Keeps serving with readiness failing for `--shutdown-delay`, unless the delay is skipped.
 async fn delay(walk: &Walk, config: &Config) {
     let args = &config.args;
-    walk.metrics.shutdown_phase.set(Phase::Delay as i64);
+    walk.metrics.drain.shutdown_phase.set(Phase::Delay as i64);
     tracing::info!(
         delay_ms = args.shutdown_delay.as_millis() as u64,
         "Shutdown: delay (readiness failing, still serving)"
@@ -55,10 +55,10 @@ async fn delay(walk: &Walk, config: &Config) {
 async fn drain(walk: &mut Walk, config: &Config) -> DrainOutcome {
     let args = &config.args;
     walk.lifecycle.advance(Phase::Drain);
-    walk.metrics.shutdown_phase.set(Phase::Drain as i64);
+    walk.metrics.drain.shutdown_phase.set(Phase::Drain as i64);
     tracing::info!(
-        in_flight = walk.metrics.in_flight.get(),
-        connections = walk.metrics.connections_open.get(),
+        in_flight = walk.metrics.admission.in_flight.get(),
+        connections = walk.metrics.connections.connections_open.get(),
         timeout_ms = args.drain_timeout.as_millis() as u64,
         "Shutdown: drain (listener closing, finishing in-flight requests)"
     );
@@ -74,8 +74,8 @@ async fn drain(walk: &mut Walk, config: &Config) -> DrainOutcome {
         Ok(()) => DrainOutcome::Complete,
         Err(_elapsed) => {
             let cut = DrainOutcome::TimedOut {
-                in_flight: walk.metrics.in_flight.get().max(0) as u64,
-                connections: walk.metrics.connections_open.get().max(0) as u64,
+                in_flight: walk.metrics.admission.in_flight.get().max(0) as u64,
+                connections: walk.metrics.connections.connections_open.get().max(0) as u64,
             };
             walk.limiter.close();
             let _ = tokio::time::timeout(REFUSAL_FLUSH, connections.wait()).await;
@@ -92,7 +92,7 @@ fn finish(walk: &Walk, outcome: DrainOutcome) {
             in_flight,
             connections,
         } => {
-            walk.metrics.drain_cut.set(in_flight as i64);
+            walk.metrics.drain.drain_cut.set(in_flight as i64);
             tracing::warn!(
                 in_flight,
                 connections,
@@ -100,6 +100,6 @@ fn finish(walk: &Walk, outcome: DrainOutcome) {
             );
         }
     }
-    walk.metrics.shutdown_phase.set(Phase::Exited as i64);
+    walk.metrics.drain.shutdown_phase.set(Phase::Exited as i64);
     walk.lifecycle.finish(outcome);
 }

@@ -15,6 +15,7 @@ mod conn_io;
 mod detect;
 mod fds;
 mod hyper_service;
+pub mod metrics;
 mod refuse;
 mod sideline;
 
@@ -39,10 +40,11 @@ pub use self::detect::Protocol;
 use self::detect::Rewind;
 pub use self::fds::raise_limit as raise_fd_limit;
 use self::hyper_service::HyperService;
+use self::metrics::{ConnectionMetrics, TimeoutReason};
 use self::sideline::Sideline;
 use crate::config::{Config, LiveConfig};
 use crate::drain::{Lifecycle, Phase};
-use crate::metrics::Metrics;
+use crate::metrics::LabelValues;
 use crate::stack::ProxyStack;
 
 /// hyper's default for `max_headers`; setting any value moves the header array to the heap.
@@ -61,7 +63,7 @@ struct Context {
     stack: ProxyStack,
     live: LiveConfig,
     lifecycle: Lifecycle,
-    metrics: Arc<Metrics>,
+    metrics: Arc<ConnectionMetrics>,
     open: Arc<AtomicUsize>,
 }
 
@@ -72,7 +74,7 @@ trait Drainable: Future<Output = Result<(), hyper::Error>> {
 
 /// Counts an open connection for as long as it lives.
 struct OpenConnection {
-    metrics: Arc<Metrics>,
+    metrics: Arc<ConnectionMetrics>,
     open: Arc<AtomicUsize>,
 }
 
@@ -95,7 +97,7 @@ pub async fn serve(
     stack: ProxyStack,
     live: LiveConfig,
     lifecycle: Lifecycle,
-    metrics: Arc<Metrics>,
+    metrics: Arc<ConnectionMetrics>,
     connections: TaskTracker,
 ) {
     let cx = Context {
@@ -191,7 +193,7 @@ async fn serve_connection(
         Err(_elapsed) => {
             cx.metrics
                 .connections_timed_out
-                .with_label_values(&["header"])
+                .with_label_values(&[TimeoutReason::Header.as_label()])
                 .inc();
             tracing::debug!(client.addr = %client_addr, "No request bytes before the header read timeout");
             return;
@@ -354,17 +356,17 @@ async fn park(io: &ClientIo, lifecycle: &Lifecycle, watch: Watch<'_>) -> bool {
             _ => false,
         },
         _ = idle => {
-            watch.metrics.connections_timed_out.with_label_values(&["idle"]).inc();
+            watch.metrics.connections_timed_out.with_label_values(&[TimeoutReason::Idle.as_label()]).inc();
             false
         }
     }
 }
 
 /// Counts a parked connection for as long as it is parked.
-struct Parked<'a>(&'a Metrics);
+struct Parked<'a>(&'a ConnectionMetrics);
 
 impl Parked<'_> {
-    fn count(metrics: &Metrics) -> Parked<'_> {
+    fn count(metrics: &ConnectionMetrics) -> Parked<'_> {
         metrics.connections_parked.inc();
         Parked(metrics)
     }
@@ -424,7 +426,7 @@ struct Watch<'a> {
     header_timeout: Option<Duration>,
     /// `--park-idle-after`, where the connection can be parked (HTTP/1).
     park_after: Option<Duration>,
-    metrics: &'a Metrics,
+    metrics: &'a ConnectionMetrics,
 }
 
 /// How [`drive`] finished with a connection.
@@ -524,8 +526,8 @@ async fn drive<C: Drainable>(
                     continue;
                 }
                 let reason = match expiry {
-                    Expiry::Idle => "idle",
-                    Expiry::Header => "header",
+                    Expiry::Idle => TimeoutReason::Idle,
+                    Expiry::Header => TimeoutReason::Header,
                     Expiry::Park => {
                         // hyper closes an idle connection at once; the IO's shutdown is
                         // skipped while parking, so the socket stays open.
@@ -539,7 +541,7 @@ async fn drive<C: Drainable>(
                 watch
                     .metrics
                     .connections_timed_out
-                    .with_label_values(&[reason])
+                    .with_label_values(&[reason.as_label()])
                     .inc();
                 if expiry == Expiry::Header {
                     // hyper has no request to answer yet: close the socket.

@@ -6,6 +6,7 @@ pub mod client;
 pub mod connect;
 mod deadline;
 pub mod headers;
+pub mod metrics;
 mod pool;
 pub mod progress;
 mod replay;
@@ -29,13 +30,14 @@ use tower::Service;
 
 use self::deadline::{Elapsed, Within};
 
+use self::metrics::{UpstreamError, UpstreamMetrics};
 use crate::admission::Admitted;
 use crate::config::{ClientAbort, LiveConfig, Upstream};
 use crate::error::{
     BoxError, Rejected, UpstreamConnect, UpstreamConnectTimeout, UpstreamReset, UpstreamTimeout,
     find_cause, is_caused_by,
 };
-use crate::metrics::Metrics;
+use crate::metrics::{LabelValues, RequestMetrics};
 use crate::outbound::client::{Client, Lease, SendError};
 use crate::outbound::progress::Progress;
 use crate::outbound::request_body::RequestBody;
@@ -95,7 +97,8 @@ struct Shared {
     authority: Option<Authority>,
     live: LiveConfig,
     progress: Progress,
-    metrics: Arc<Metrics>,
+    metrics: Arc<UpstreamMetrics>,
+    requests: Arc<RequestMetrics>,
     tunnels: TaskTracker,
 }
 
@@ -108,7 +111,8 @@ impl Proxy {
     pub fn new(
         live: LiveConfig,
         progress: Progress,
-        metrics: Arc<Metrics>,
+        metrics: Arc<UpstreamMetrics>,
+        requests: Arc<RequestMetrics>,
         tunnels: TaskTracker,
     ) -> Proxy {
         let client = Client::new(live.clone(), metrics.upstream_replays.clone());
@@ -123,6 +127,7 @@ impl Proxy {
                 live,
                 progress,
                 metrics,
+                requests,
                 tunnels,
             }),
             client_ip: None,
@@ -256,7 +261,7 @@ impl Shared {
         via: bool,
     ) -> Result<Response<ResponseBody>, BoxError> {
         let Ok(result) = sent else {
-            self.count_error("timeout");
+            self.count_error(UpstreamError::Timeout);
             return Err(Box::new(UpstreamTimeout));
         };
         let (mut response, lease) = match result {
@@ -341,24 +346,24 @@ impl Shared {
         let error: BoxError = Box::new(error);
         if let Some(rejected) = find_cause::<Rejected>(&*error) {
             // The client's body failed (too large or malformed), not the app.
-            self.metrics.count_rejection(rejected);
+            self.requests.count_rejection(rejected);
             error
         } else if is_caused_by::<UpstreamConnectTimeout>(&*error) {
-            self.count_error("connect-timeout");
+            self.count_error(UpstreamError::ConnectTimeout);
             error
         } else if is_caused_by::<UpstreamConnect>(&*error) {
-            self.count_error("connect");
+            self.count_error(UpstreamError::Connect);
             error
         } else {
-            self.count_error("reset");
+            self.count_error(UpstreamError::Reset);
             Box::new(UpstreamReset(error))
         }
     }
 
-    fn count_error(&self, kind: &str) {
+    fn count_error(&self, kind: UpstreamError) {
         self.metrics
             .upstream_errors
-            .with_label_values(&[kind])
+            .with_label_values(&[kind.as_label()])
             .inc();
     }
 }

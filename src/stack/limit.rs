@@ -181,14 +181,14 @@ mod tests {
 
     use super::*;
     use crate::admission::LimitConfig;
+    use crate::admission::metrics::AdmissionMetrics;
     use crate::error::{Overloaded, ShedReason, find_cause};
-    use crate::metrics::Metrics;
 
     type Mock = mock::Mock<Admitted<Request<()>>, &'static str>;
     type Handle = mock::Handle<Admitted<Request<()>>, &'static str>;
 
-    fn setup(n: u32, q: usize) -> (Limit<Mock>, Handle, Arc<Metrics>) {
-        let metrics = Arc::new(Metrics::new().unwrap());
+    fn setup(n: u32, q: usize) -> (Limit<Mock>, Handle, Arc<AdmissionMetrics>) {
+        let metrics = crate::app::Metrics::new().unwrap();
         let limiter = Limiter::new(
             &LimitConfig {
                 max_concurrency: Some(n),
@@ -197,10 +197,15 @@ mod tests {
                 routes: vec![],
                 ..LimitConfig::default()
             },
-            &metrics,
+            metrics.admission.clone(),
+            metrics.requests.clone(),
         );
         let (service, handle) = mock::pair();
-        (LimitLayer::new(limiter).layer(service), handle, metrics)
+        (
+            LimitLayer::new(limiter).layer(service),
+            handle,
+            metrics.admission,
+        )
     }
 
     /// A call on `svc` as tower's contract has it: after `poll_ready` says ready.

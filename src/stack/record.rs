@@ -11,12 +11,12 @@ use http::{Request, Response};
 use tower::{Layer, Service};
 
 use crate::config::LiveConfig;
-use crate::metrics::Metrics;
+use crate::metrics::RequestMetrics;
 
 /// Tower layer that records [`Metrics`] for every request (see [`Record`]).
 #[derive(Clone, Debug)]
 pub struct RecordLayer {
-    metrics: Arc<Metrics>,
+    metrics: Arc<RequestMetrics>,
     live: LiveConfig,
 }
 
@@ -24,7 +24,7 @@ pub struct RecordLayer {
 #[derive(Clone, Debug)]
 pub struct Record<S> {
     inner: S,
-    metrics: Arc<Metrics>,
+    metrics: Arc<RequestMetrics>,
     live: LiveConfig,
 }
 
@@ -34,7 +34,7 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: F,
         start: Instant,
-        metrics: Arc<Metrics>,
+        metrics: Arc<RequestMetrics>,
         // Boxed: the access log is off on the hot path, and the future stays small.
         log: Option<Box<AccessLine>>,
     }
@@ -53,7 +53,7 @@ struct AccessLine {
 impl RecordLayer {
     /// A layer recording request metrics, with an access log line per request while the
     /// live config's `access_log` is on.
-    pub fn new(metrics: Arc<Metrics>, live: LiveConfig) -> RecordLayer {
+    pub fn new(metrics: Arc<RequestMetrics>, live: LiveConfig) -> RecordLayer {
         RecordLayer { metrics, live }
     }
 }

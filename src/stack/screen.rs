@@ -14,14 +14,14 @@ use tower::{Layer, Service};
 
 use crate::config::LiveConfig;
 use crate::error::{BoxError, Rejected};
-use crate::metrics::Metrics;
+use crate::metrics::RequestMetrics;
 use std::sync::Arc;
 
 /// Layer producing [`Screen`].
 #[derive(Clone, Debug)]
 pub struct ScreenLayer {
     live: LiveConfig,
-    metrics: Arc<Metrics>,
+    metrics: Arc<RequestMetrics>,
 }
 
 /// Checks each request against the limits in force before calling the inner service.
@@ -29,7 +29,7 @@ pub struct ScreenLayer {
 pub struct Screen<S> {
     inner: S,
     live: LiveConfig,
-    metrics: Arc<Metrics>,
+    metrics: Arc<RequestMetrics>,
 }
 
 /// Future returned by [`Screen`]: the refusal, or the inner service's future untouched.
@@ -39,7 +39,7 @@ pub type ResponseFuture<F, T> = Either<Ready<Result<T, BoxError>>, F>;
 
 impl ScreenLayer {
     /// A layer reading the limits from `live` on each request and counting refusals.
-    pub fn new(live: LiveConfig, metrics: Arc<Metrics>) -> ScreenLayer {
+    pub fn new(live: LiveConfig, metrics: Arc<RequestMetrics>) -> ScreenLayer {
         ScreenLayer { live, metrics }
     }
 }

@@ -26,6 +26,7 @@
 //! larger is streamed on to the leader after what was read, and the followers go alone.
 
 mod cache;
+pub mod metrics;
 mod rules;
 
 use std::collections::HashMap;
@@ -44,11 +45,12 @@ use http_body_util::BodyExt;
 use tokio::sync::watch;
 use tower::{Layer, Service};
 
+use self::metrics::{CoalesceMetrics, CoalesceOutcome};
 use self::rules::{Key, bypasses_cache, key, shareable, vary_matches};
 use super::route::Routed;
 use crate::config::LiveConfig;
 use crate::error::BoxError;
-use crate::metrics::Metrics;
+use crate::metrics::LabelValues;
 use crate::outbound::response_body::{ResponseBody, Resumed};
 
 /// Layer producing [`Coalesce`].
@@ -75,7 +77,7 @@ pub type ResponseFuture<F, E> = Either<MapErr<F, fn(E) -> BoxError>, CoalescedFu
 #[derive(Debug)]
 struct Shared {
     live: LiveConfig,
-    metrics: Arc<Metrics>,
+    metrics: Arc<CoalesceMetrics>,
     flights: Mutex<HashMap<Key, Arc<Flight>>>,
     cache: cache::Cache,
 }
@@ -114,13 +116,13 @@ struct Publisher {
 }
 
 /// Counts a follower waiting.
-struct Waiting<'a>(&'a Metrics);
+struct Waiting<'a>(&'a CoalesceMetrics);
 
 // === impl CoalesceLayer ===
 
 impl CoalesceLayer {
     /// A layer sharing one set of flights across every connection.
-    pub fn new(live: LiveConfig, metrics: Arc<Metrics>) -> CoalesceLayer {
+    pub fn new(live: LiveConfig, metrics: Arc<CoalesceMetrics>) -> CoalesceLayer {
         CoalesceLayer {
             shared: Arc::new(Shared {
                 live,
@@ -184,7 +186,7 @@ where
             shared
                 .metrics
                 .coalesced
-                .with_label_values(&["cached"])
+                .with_label_values(&[CoalesceOutcome::Cached.as_label()])
                 .inc();
             return Either::Right(Box::pin(std::future::ready(Ok(response))));
         }
@@ -300,12 +302,15 @@ impl Shared {
             }
             _ => None,
         };
-        let label = if response.is_some() {
-            "shared"
+        let outcome = if response.is_some() {
+            CoalesceOutcome::Shared
         } else {
-            "alone"
+            CoalesceOutcome::Alone
         };
-        self.metrics.coalesced.with_label_values(&[label]).inc();
+        self.metrics
+            .coalesced
+            .with_label_values(&[outcome.as_label()])
+            .inc();
         response
     }
 }
@@ -429,7 +434,7 @@ impl SharedResponse {
 // === impl Waiting ===
 
 impl<'a> Waiting<'a> {
-    fn new(metrics: &'a Metrics) -> Waiting<'a> {
+    fn new(metrics: &'a CoalesceMetrics) -> Waiting<'a> {
         metrics.coalesce_waiting.inc();
         Waiting(metrics)
     }
