@@ -3,7 +3,7 @@
 use std::error::Error as StdError;
 
 /// The error type every service on the data path returns.
-pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
+pub(crate) type BoxError = Box<dyn StdError + Send + Sync + 'static>;
 
 /// Why a request was refused before it reached the app.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
@@ -36,22 +36,22 @@ pub struct Overloaded {
 /// The app could not be reached: connection refused, unreachable, or the socket is missing.
 #[derive(Debug, thiserror::Error)]
 #[error("upstream connect failed")]
-pub struct UpstreamConnect(#[source] pub BoxError);
+pub(crate) struct UpstreamConnect(#[source] pub BoxError);
 
 /// The app did not accept a connection within `--connect-timeout`.
 #[derive(Debug, thiserror::Error)]
 #[error("upstream connect timed out")]
-pub struct UpstreamConnectTimeout;
+pub(crate) struct UpstreamConnectTimeout;
 
 /// The app did not answer within `--upstream-timeout`.
 #[derive(Debug, thiserror::Error)]
 #[error("upstream timed out")]
-pub struct UpstreamTimeout;
+pub(crate) struct UpstreamTimeout;
 
 /// The app closed or reset the connection before it sent a complete response head.
 #[derive(Debug, thiserror::Error)]
 #[error("upstream closed the connection")]
-pub struct UpstreamReset(#[source] pub BoxError);
+pub(crate) struct UpstreamReset(#[source] pub BoxError);
 
 /// A request tidegate refuses to forward because it breaks a limit or the protocol; answered
 /// with a 4xx naming the limit, and never sent (or never sent further) to the app.
@@ -146,7 +146,9 @@ impl ShedReason {
 }
 
 /// Finds the first error of type `E` in `error`'s source chain, `error` included.
-pub fn find_cause<'a, E: StdError + 'static>(error: &'a (dyn StdError + 'static)) -> Option<&'a E> {
+pub(crate) fn find_cause<'a, E: StdError + 'static>(
+    error: &'a (dyn StdError + 'static),
+) -> Option<&'a E> {
     let mut current = Some(error);
     while let Some(err) = current {
         if let Some(found) = err.downcast_ref::<E>() {
@@ -158,7 +160,7 @@ pub fn find_cause<'a, E: StdError + 'static>(error: &'a (dyn StdError + 'static)
 }
 
 /// Whether an error of type `E` appears in `error`'s source chain.
-pub fn is_caused_by<E: StdError + 'static>(error: &(dyn StdError + 'static)) -> bool {
+pub(crate) fn is_caused_by<E: StdError + 'static>(error: &(dyn StdError + 'static)) -> bool {
     find_cause::<E>(error).is_some()
 }
 

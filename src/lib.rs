@@ -31,20 +31,31 @@
 // Input-dependent paths must not panic: errors are typed and answered (tests may unwrap).
 #![deny(clippy::unwrap_used, clippy::expect_used)]
 
-pub mod admin;
-pub mod admission;
-pub mod app;
+mod admin;
+mod admission;
+mod app;
 pub mod check;
 pub mod config;
-pub mod drain;
-pub mod error;
-pub mod inbound;
-pub mod metrics;
-pub mod outbound;
-pub mod stack;
+mod drain;
+mod error;
+mod inbound;
+mod metrics;
+mod outbound;
+mod stack;
 
-pub use crate::app::{Running, Server, StartError};
-pub use crate::config::{Args, Config};
+// The public facade: what the binary, the integration tests, the benchmarks and the examples
+// use. Everything else is crate-private.
+pub use crate::app::logging::init as init_logging;
+pub use crate::app::signals;
+pub use crate::app::supervise::Child;
+pub use crate::app::{Metrics, Running, Server, StartError};
+pub use crate::config::{Args, Config, ConfigError, FileError, LogFormat, RuntimeMode};
+pub use crate::drain::{DrainOutcome, Lifecycle, Phase};
+pub use crate::error::ErrorChain;
+pub use crate::inbound::raise_fd_limit;
+/// Header rewriting, for the fuzz tests.
+#[doc(hidden)]
+pub use crate::outbound::headers;
 
 /// Exit code when a flag or the configuration is invalid, or a listener cannot be bound.
 pub const EXIT_CONFIG: i32 = 2;

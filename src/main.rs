@@ -5,10 +5,10 @@
 
 use std::process::ExitCode;
 
-use tidegate::app::supervise::Child;
-use tidegate::config::RuntimeMode;
-use tidegate::drain::{DrainOutcome, Lifecycle};
-use tidegate::{Config, EXIT_CONFIG, EXIT_DRAIN_TIMEOUT, EXIT_FAILURE, Server};
+use tidegate::{
+    Child, Config, DrainOutcome, EXIT_CONFIG, EXIT_DRAIN_TIMEOUT, EXIT_FAILURE, Lifecycle,
+    RuntimeMode, Server,
+};
 
 fn main() -> ExitCode {
     if std::env::args().nth(1).as_deref() == Some("check") {
@@ -19,11 +19,11 @@ fn main() -> ExitCode {
         Ok(config) => config,
         Err(code) => return code,
     };
-    if let Err(error) = tidegate::app::logging::init(config.args.log_format, &config.args.log) {
+    if let Err(error) = tidegate::init_logging(config.args.log_format, &config.args.log) {
         eprintln!("tidegate: {}", chain(&error));
         return ExitCode::from(EXIT_CONFIG as u8);
     }
-    let nofile = tidegate::inbound::raise_fd_limit();
+    let nofile = tidegate::raise_fd_limit();
     tracing::debug!(?nofile, "File descriptor limit");
     // One thread, or a runtime per thread (the server starts the others): a current-thread
     // runtime here, without the work-stealing machinery.
@@ -51,7 +51,7 @@ fn main() -> ExitCode {
 fn parse() -> Result<Config, ExitCode> {
     Config::from_env_args().map_err(|error| {
         match error {
-            tidegate::config::ConfigError::Flags(line) => {
+            tidegate::ConfigError::Flags(line) => {
                 eprintln!("tidegate: {line} (see --help)")
             }
             error => eprintln!("tidegate: {}", chain(&error)),
@@ -70,7 +70,7 @@ async fn run(config: Config) -> i32 {
     };
     let lifecycle = server.lifecycle();
     let reloader = server.reloader();
-    let signals = match tidegate::app::signals::listen() {
+    let signals = match tidegate::signals::listen() {
         Ok(signals) => signals,
         Err(error) => {
             eprintln!("tidegate: cannot register signal handlers: {error}");
@@ -98,7 +98,7 @@ async fn run(config: Config) -> i32 {
         let lifecycle = lifecycle.clone();
         let child = child.clone();
         async move {
-            let code = tidegate::app::signals::drive(signals, lifecycle, reloader).await;
+            let code = tidegate::signals::drive(signals, lifecycle, reloader).await;
             if let Some(child) = child {
                 child.kill();
             }
@@ -148,5 +148,5 @@ async fn watch_child(child: std::sync::Arc<Child>, lifecycle: Lifecycle) {
 }
 
 fn chain(error: &(dyn std::error::Error + 'static)) -> String {
-    tidegate::error::ErrorChain(error).to_string()
+    tidegate::ErrorChain(error).to_string()
 }

@@ -16,19 +16,20 @@ use prometheus::{
 pub struct MetricsError(#[from] prometheus::Error);
 
 /// Buckets of every latency histogram, in seconds.
-pub const LATENCY_BUCKETS: &[f64] = &[
+pub(crate) const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
     60.0, 180.0,
 ];
 
 /// The values of a label, as one list: the series are created from it at start (so that
 /// `rate()` and alerts work before the first event), and the docs are checked against it.
-pub trait LabelValues: Copy + 'static {
+pub(crate) trait LabelValues: Copy + 'static {
     /// Every value.
     const ALL: &'static [Self];
     /// The value as exported.
     fn as_label(self) -> &'static str;
     /// Every value as exported.
+    #[cfg(test)]
     fn labels() -> Vec<&'static str> {
         Self::ALL.iter().map(|v| v.as_label()).collect()
     }
@@ -112,7 +113,7 @@ impl RequestMetrics {
 }
 
 /// Registers `metric` in `registry` and returns it.
-pub fn reg<M: prometheus::core::Collector + Clone + 'static>(
+pub(crate) fn reg<M: prometheus::core::Collector + Clone + 'static>(
     registry: &Registry,
     metric: M,
 ) -> Result<M, prometheus::Error> {
@@ -121,7 +122,7 @@ pub fn reg<M: prometheus::core::Collector + Clone + 'static>(
 }
 
 /// Renders every metric of `registry` in the Prometheus text exposition format.
-pub fn encode(registry: &Registry) -> String {
+pub(crate) fn encode(registry: &Registry) -> String {
     let mut buf = Vec::with_capacity(16 * 1024);
     // Encoding into a Vec only fails on malformed metric families, which registration rules out.
     if let Err(error) = TextEncoder::new().encode(&registry.gather(), &mut buf) {

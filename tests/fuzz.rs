@@ -19,7 +19,7 @@ use proptest::prelude::*;
 use proptest::test_runner::Config as ProptestConfig;
 use tidegate::config::route::{PathMatch, RouteSpec, RouteTable};
 use tidegate::config::{ConfigError, FileError};
-use tidegate::outbound::headers;
+use tidegate::headers;
 
 fn cases(default: u32) -> ProptestConfig {
     let cases = std::env::var("TIDEGATE_FUZZ_CASES")

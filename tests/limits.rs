@@ -440,7 +440,7 @@ async fn admin_allow_list_guards_prestop_and_drain_only() {
         let (status, _, _) = get(&tg.admin_url(open)).await.unwrap();
         assert_eq!(status, StatusCode::OK, "{open}");
     }
-    assert_eq!(tg.lifecycle.phase(), tidegate::drain::Phase::Serving);
+    assert_eq!(tg.lifecycle.phase(), tidegate::Phase::Serving);
 
     // Loopback in the list: the same call is allowed and starts the shutdown.
     let app2 = ok_upstream().await;
@@ -450,7 +450,7 @@ async fn admin_allow_list_guards_prestop_and_drain_only() {
         .unwrap();
     let (status, _, _) = send(&client, drain2).await.unwrap();
     assert!(status.is_success(), "{status}");
-    assert_ne!(tg2.lifecycle.phase(), tidegate::drain::Phase::Serving);
+    assert_ne!(tg2.lifecycle.phase(), tidegate::Phase::Serving);
 }
 
 #[test]

@@ -29,7 +29,7 @@ struct CheckConfig {
 
 /// Runs the checks forever and feeds [`HealthState`].
 #[derive(Debug)]
-pub struct AppChecker {
+pub(crate) struct AppChecker {
     upstream: Upstream,
     live: LiveConfig,
     state: HealthState,
@@ -54,7 +54,7 @@ struct BadStatus(StatusCode);
 impl AppChecker {
     /// A checker of `upstream` that reports into `state` and `metrics`, and reads its
     /// settings from `live`, so they can change on reload.
-    pub fn new(
+    pub(crate) fn new(
         upstream: Upstream,
         live: LiveConfig,
         state: HealthState,
@@ -81,7 +81,7 @@ impl AppChecker {
     }
 
     /// Checks forever, one check per interval (the first at once).
-    pub async fn run(self) {
+    pub(crate) async fn run(self) {
         let mut passes = 0u32;
         let mut failures = 0u32;
         let mut healthy = false;

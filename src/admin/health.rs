@@ -10,7 +10,7 @@ use super::metrics::AdminMetrics;
 use crate::admission::Limiter;
 use crate::config::LiveConfig;
 use crate::drain::{Lifecycle, Phase};
-pub use crate::outbound::progress::{Progress, Stamp};
+pub(crate) use crate::outbound::progress::{Progress, Stamp};
 
 /// Health state shared by the proxy lane, the health checker and the admin lane.
 #[derive(Clone, Debug)]

@@ -22,7 +22,7 @@ pub struct AdminMetrics {
 
 /// `tidegate_app_health_checks_total{result}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CheckResult {
+pub(crate) enum CheckResult {
     /// The check passed.
     Pass,
     /// The check failed.
@@ -33,7 +33,7 @@ pub enum CheckResult {
 
 /// `tidegate_probe_requests_total{path}` and `tidegate_probe_duration_seconds{path}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AdminPath {
+pub(crate) enum AdminPath {
     /// `/livez`.
     Livez,
     /// `/readyz`.

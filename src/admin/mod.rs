@@ -13,8 +13,8 @@
 //! The app's active health checks run on this runtime too, off the proxy's.
 
 mod app_check;
-pub mod health;
-pub mod metrics;
+pub(crate) mod health;
+pub(crate) mod metrics;
 
 use std::convert::Infallible;
 use std::io;
@@ -33,7 +33,7 @@ use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
-pub use self::app_check::AppChecker;
+pub(crate) use self::app_check::AppChecker;
 use self::health::HealthState;
 use self::metrics::{AdminMetrics, AdminPath};
 use crate::admission::Limiter;
@@ -44,7 +44,7 @@ use crate::stack::coalesce::metrics::CoalesceMetrics;
 
 /// The running admin lane.
 #[derive(Debug)]
-pub struct AdminHandle {
+pub(crate) struct AdminHandle {
     stop: Arc<Notify>,
     done: std::sync::mpsc::Receiver<()>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -53,7 +53,7 @@ pub struct AdminHandle {
 /// What the admin lane's endpoints read and act on: the health state probes answer from, and
 /// what `/state`, `/metrics`, `/prestop` and `/drain` need beside it.
 #[derive(Clone, Debug)]
-pub struct AdminState {
+pub(crate) struct AdminState {
     /// Liveness, readiness and the app's progress.
     pub health: HealthState,
     /// The configuration in force (the admin token and allow-list are read per request).
@@ -75,7 +75,7 @@ pub struct AdminState {
 type AdminResponse = Response<Full<Bytes>>;
 
 /// Starts the admin lane on its own thread and runtime, with the app checker beside it.
-pub fn spawn(
+pub(crate) fn spawn(
     listener: std::net::TcpListener,
     admin: AdminState,
     checker: AppChecker,
@@ -343,7 +343,7 @@ fn text(status: StatusCode, body: String) -> AdminResponse {
 impl AdminHandle {
     /// Stops the admin lane: answers in progress are sent, then the thread ends. Waits at
     /// most `wait`.
-    pub fn shutdown(mut self, wait: Duration) {
+    pub(crate) fn shutdown(mut self, wait: Duration) {
         self.stop.notify_one();
         if self.done.recv_timeout(wait).is_ok()
             && let Some(thread) = self.thread.take()

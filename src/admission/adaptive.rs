@@ -35,23 +35,23 @@
 
 use std::time::Duration;
 
-pub use crate::config::Algorithm;
+pub(crate) use crate::config::Algorithm;
 use tokio::time::Instant;
 
 /// Shortest window.
-pub const WINDOW: Duration = Duration::from_millis(100);
+pub(crate) const WINDOW: Duration = Duration::from_millis(100);
 /// Samples a window needs before it ends at [`WINDOW`].
-pub const WINDOW_SAMPLES: u32 = 8;
+pub(crate) const WINDOW_SAMPLES: u32 = 8;
 /// Longest window: it ends with whatever samples it has.
-pub const WINDOW_MAX: Duration = Duration::from_secs(1);
+pub(crate) const WINDOW_MAX: Duration = Duration::from_secs(1);
 /// Time between baseline probes.
-pub const PROBE_EVERY: Duration = Duration::from_secs(30);
+pub(crate) const PROBE_EVERY: Duration = Duration::from_secs(30);
 /// Longest a probe may keep the limit at its minimum.
-pub const PROBE_MAX: Duration = Duration::from_secs(2);
+pub(crate) const PROBE_MAX: Duration = Duration::from_secs(2);
 /// Latency up to this many times the baseline counts as "not queueing".
-pub const TOLERANCE: f64 = 2.0;
+pub(crate) const TOLERANCE: f64 = 2.0;
 /// AIMD's multiplicative decrease.
-pub const AIMD_BACKOFF: f64 = 0.9;
+pub(crate) const AIMD_BACKOFF: f64 = 0.9;
 /// Weight of a new gradient estimate against the current limit.
 const SMOOTHING: f64 = 0.5;
 
@@ -68,7 +68,7 @@ pub struct AdaptiveConfig {
 
 /// The controller's state, fed one sample per finished exchange.
 #[derive(Debug)]
-pub struct Controller {
+pub(crate) struct Controller {
     config: AdaptiveConfig,
     limit: f64,
     window: Window,
@@ -90,7 +90,7 @@ enum Probe {
 
 /// What a window ended with, for metrics and `/state`.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Update {
+pub(crate) struct Update {
     /// The new limit.
     pub limit: u32,
     /// The limit before.
@@ -116,7 +116,7 @@ struct Window {
 impl Controller {
     /// A controller starting at the lowest limit (a slow start: it grows as the app proves it
     /// can take more).
-    pub fn new(config: AdaptiveConfig, now: Instant) -> Controller {
+    pub(crate) fn new(config: AdaptiveConfig, now: Instant) -> Controller {
         Controller {
             limit: config.min as f64,
             config,
@@ -128,39 +128,44 @@ impl Controller {
     }
 
     /// The limit now.
-    pub fn limit(&self) -> u32 {
+    pub(crate) fn limit(&self) -> u32 {
         self.limit.round() as u32
     }
 
     /// The bounds and algorithm.
-    pub fn config(&self) -> AdaptiveConfig {
+    pub(crate) fn config(&self) -> AdaptiveConfig {
         self.config
     }
 
     /// The last window's average latency.
-    pub fn recent(&self) -> Option<Duration> {
+    pub(crate) fn recent(&self) -> Option<Duration> {
         self.recent
     }
 
     /// The no-load latency.
-    pub fn baseline(&self) -> Option<Duration> {
+    pub(crate) fn baseline(&self) -> Option<Duration> {
         self.baseline
     }
 
     /// Whether a baseline probe is running (the limit is held at its minimum).
-    pub fn probing(&self) -> bool {
+    pub(crate) fn probing(&self) -> bool {
         matches!(self.probe, Probe::Running { .. })
     }
 
     /// Applies new bounds or a new algorithm, keeping what was learned.
-    pub fn reconfigure(&mut self, config: AdaptiveConfig) {
+    pub(crate) fn reconfigure(&mut self, config: AdaptiveConfig) {
         self.config = config;
         self.limit = self.limit.clamp(config.min as f64, config.max as f64);
     }
 
     /// Records one finished exchange that held its slot for `latency` while `in_flight`
     /// requests (itself included) were admitted. Returns the update when a window ends.
-    pub fn sample(&mut self, now: Instant, latency: Duration, in_flight: usize) -> Option<Update> {
+    pub(crate) fn sample(
+        &mut self,
+        now: Instant,
+        latency: Duration,
+        in_flight: usize,
+    ) -> Option<Update> {
         match self.probe {
             Probe::Next(at) if now >= at => return Some(self.start_probe(now)),
             Probe::Running { started, restore } => {

@@ -46,7 +46,7 @@ pub struct AdmissionMetrics {
 
 /// `tidegate_adaptive_latency_seconds{window}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LatencyWindow {
+pub(crate) enum LatencyWindow {
     /// The last window's average latency.
     Recent,
     /// The no-load latency.
@@ -55,7 +55,7 @@ pub enum LatencyWindow {
 
 /// `tidegate_admission_setting{setting}`: an admission knob in force.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AdmissionSetting {
+pub(crate) enum AdmissionSetting {
     /// `--min-concurrency`.
     MinConcurrency,
     /// `--max-concurrency-ceiling`.

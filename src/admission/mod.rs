@@ -12,10 +12,10 @@
 //! ([`adaptive`]). Limits can change live ([`Limiter::reconfigure`]): requests holding a slot
 //! keep it.
 
-pub mod adaptive;
+pub(crate) mod adaptive;
 mod classify;
 mod gate;
-pub mod metrics;
+pub(crate) mod metrics;
 mod queue;
 mod slots;
 mod state;
@@ -33,20 +33,19 @@ use tokio::time::Instant;
 
 use self::adaptive::{AdaptiveConfig, Update};
 use self::classify::Classifier;
-pub use self::classify::{ClassifyConfig, RequestClass};
+pub(crate) use self::classify::{ClassifyConfig, RequestClass};
 use self::gate::Gate;
 use self::metrics::AdmissionMetrics;
-pub use self::queue::{Entry, Queued};
-pub use self::slots::{AdaptiveView, Discipline, Priority, SlotsView};
+pub(crate) use self::queue::Entry;
+pub(crate) use self::slots::Discipline;
 use self::slots::{Slots, UNLIMITED};
-pub use self::state::{LimiterState, RouteView};
-pub use crate::config::route::{PathMatch, RouteSpec, RouteTable};
+pub(crate) use crate::config::route::{RouteSpec, RouteTable};
 use crate::config::{Config, MaxConcurrency};
 use crate::error::{Overloaded, Rejected, ShedReason};
 use crate::metrics::RequestMetrics;
 
 /// Label used for requests that match no route.
-pub const DEFAULT_ROUTE: &str = "default";
+pub(crate) const DEFAULT_ROUTE: &str = "default";
 
 /// Settings of the [`Limiter`].
 #[derive(Debug, Clone, Default)]
@@ -109,7 +108,7 @@ impl LimitConfig {
 /// A request that holds an [`Admission`]; the inner service must keep the admission alive
 /// until its exchange with the app is over.
 #[derive(Debug)]
-pub struct Admitted<R> {
+pub(crate) struct Admitted<R> {
     /// The request.
     pub request: R,
     /// The slot(s) it holds.

@@ -19,7 +19,7 @@ use std::time::Duration;
 use futures_util::task::AtomicWaker;
 use serde::Serialize;
 
-pub use crate::config::Priority;
+pub(crate) use crate::config::Priority;
 use tokio::time::Instant;
 
 use super::adaptive::{AdaptiveConfig, Controller, Update};

@@ -51,7 +51,7 @@ pub struct ProcessMetrics {
 
 /// `tidegate_config_reloads_total{result}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReloadResult {
+pub(crate) enum ReloadResult {
     /// Applied.
     Ok,
     /// Rejected; the configuration in force is kept.

@@ -2,12 +2,12 @@
 //! the admin lane on its own thread, serves, and walks the drain phases.
 
 mod lanes;
-pub mod logging;
-pub mod metrics;
-pub mod reload;
+pub(crate) mod logging;
+pub(crate) mod metrics;
+pub(crate) mod reload;
 mod shutdown;
 pub mod signals;
-pub mod supervise;
+pub(crate) mod supervise;
 
 use std::io;
 use std::net::SocketAddr;

@@ -23,7 +23,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Sleep;
 
 /// Longest time a closing connection keeps reading (and discarding) the client's bytes.
-pub const LINGER: Duration = Duration::from_secs(2);
+pub(crate) const LINGER: Duration = Duration::from_secs(2);
 
 pin_project! {
     /// An IO that reports reads to its [`Activity`] and whose shutdown waits for the peer to

@@ -29,7 +29,7 @@ pub struct ConnectionMetrics {
 
 /// `tidegate_connections_timed_out_total{reason}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TimeoutReason {
+pub(crate) enum TimeoutReason {
     /// No request for `--idle-timeout`.
     Idle,
     /// A request head slower than `--header-read-timeout`.

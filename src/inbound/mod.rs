@@ -15,7 +15,7 @@ mod conn_io;
 mod detect;
 mod fds;
 mod hyper_service;
-pub mod metrics;
+pub(crate) mod metrics;
 mod refuse;
 mod sideline;
 
@@ -35,8 +35,7 @@ use tokio_util::task::TaskTracker;
 
 use self::activity::{Activity, Expiry, Track};
 use self::conn_io::ConnIo;
-pub use self::conn_io::LINGER;
-pub use self::detect::Protocol;
+pub(crate) use self::detect::Protocol;
 use self::detect::Rewind;
 pub use self::fds::raise_limit as raise_fd_limit;
 use self::hyper_service::HyperService;
@@ -52,10 +51,10 @@ const HYPER_DEFAULT_MAX_HEADERS: u32 = 100;
 /// HTTP/2 streams a client may reset before the server has accepted them, per connection,
 /// before the connection is closed with `ENHANCE_YOUR_CALM` (the CVE-2023-44487 "rapid
 /// reset" guard).
-pub const H2_MAX_PENDING_ACCEPT_RESETS: usize = 20;
+pub(crate) const H2_MAX_PENDING_ACCEPT_RESETS: usize = 20;
 /// HTTP/2 streams the server may reset because of the client's protocol errors, per
 /// connection, before it closes the connection.
-pub const H2_MAX_LOCAL_ERROR_RESETS: usize = 1024;
+pub(crate) const H2_MAX_LOCAL_ERROR_RESETS: usize = 1024;
 
 /// Everything a connection task needs, shared.
 #[derive(Clone, Debug)]
@@ -92,7 +91,7 @@ struct ConnSettings {
 /// Accepts connections until the drain starts, spawning each on `connections`.
 ///
 /// Returns when the listener is closed (dropped): from then on, connects are refused.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: TcpListener,
     stack: ProxyStack,
     live: LiveConfig,

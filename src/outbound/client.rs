@@ -15,7 +15,7 @@ use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use prometheus::IntCounter;
 
-pub use super::pool::Lease;
+pub(crate) use super::pool::Lease;
 use super::pool::Pool;
 use super::{connect, replay};
 use crate::config::{LiveConfig, Upstream};
@@ -24,13 +24,13 @@ use crate::outbound::request_body::RequestBody;
 
 /// Sends requests to the app. Cheap to clone; clones share the pool.
 #[derive(Clone, Debug)]
-pub struct Client {
+pub(crate) struct Client {
     inner: Arc<Inner>,
 }
 
 /// Why a request got no response head from the app.
 #[derive(Debug, thiserror::Error)]
-pub enum SendError {
+pub(crate) enum SendError {
     /// No connection could be opened: the cause is
     /// [`UpstreamConnect`](crate::error::UpstreamConnect) or
     /// [`UpstreamConnectTimeout`](crate::error::UpstreamConnectTimeout).
@@ -67,7 +67,7 @@ impl Client {
     /// A client for the app in `live`'s config (fixed at start, as is the protocol:
     /// `http2` for `--upstream-http2`); the connect timeout is read per connection. `replays`
     /// counts the requests sent again after the keep-alive race.
-    pub fn new(live: LiveConfig, replays: IntCounter) -> Client {
+    pub(crate) fn new(live: LiveConfig, replays: IntCounter) -> Client {
         let config = live.load();
         let protocol = if config.args.upstream_http2 {
             Protocol::Http2(Arc::new(tokio::sync::Mutex::new(None)))
@@ -86,7 +86,7 @@ impl Client {
 
     /// Whether requests go out as HTTP/2 (they then need an absolute URI; HTTP/1.1 requests
     /// are sent in origin form, as given).
-    pub fn is_http2(&self) -> bool {
+    pub(crate) fn is_http2(&self) -> bool {
         matches!(self.inner.protocol, Protocol::Http2(_))
     }
 
@@ -101,7 +101,7 @@ impl Client {
     ///
     /// The future owns what it needs (it can outlive `self`), and holds `request` once: not
     /// an `async fn`, which would keep a copy of `request` beside the protocol's own.
-    pub fn send(
+    pub(crate) fn send(
         &self,
         request: Request<RequestBody>,
     ) -> impl Future<Output = Result<(Response<Incoming>, Option<Lease>), SendError>> + Send + 'static

@@ -14,7 +14,7 @@ use crate::error::{BoxError, UpstreamConnect, UpstreamConnectTimeout};
 
 /// A connection to the app.
 #[derive(Debug)]
-pub enum Stream {
+pub(crate) enum Stream {
     /// TCP.
     Tcp(TcpStream),
     /// Unix domain socket.
@@ -24,7 +24,7 @@ pub enum Stream {
 /// Opens a connection to the app within `timeout`.
 ///
 /// Fails with [`UpstreamConnectTimeout`] or [`UpstreamConnect`] (both in the error's chain).
-pub async fn connect(upstream: &Upstream, timeout: Duration) -> Result<Stream, BoxError> {
+pub(crate) async fn connect(upstream: &Upstream, timeout: Duration) -> Result<Stream, BoxError> {
     let attempt = async {
         match upstream {
             Upstream::Tcp { authority } => {

@@ -15,7 +15,7 @@ pub struct UpstreamMetrics {
 
 /// `tidegate_upstream_errors_total{kind}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum UpstreamError {
+pub(crate) enum UpstreamError {
     /// No connection could be opened.
     Connect,
     /// Opening a connection took longer than `--connect-timeout`.

@@ -2,16 +2,16 @@
 //! [`upstream`](crate::upstream) client, and streams the answer back. Upgrades (WebSocket)
 //! become tunnels.
 
-pub mod client;
-pub mod connect;
+pub(crate) mod client;
+pub(crate) mod connect;
 mod deadline;
 pub mod headers;
-pub mod metrics;
+pub(crate) mod metrics;
 mod pool;
-pub mod progress;
+pub(crate) mod progress;
 mod replay;
-pub mod request_body;
-pub mod response_body;
+pub(crate) mod request_body;
+pub(crate) mod response_body;
 mod upgrade;
 
 use std::future::Future;
@@ -45,7 +45,7 @@ use crate::outbound::response_body::{ExchangeGuard, ResponseBody, UpstreamBody};
 
 /// Forwards admitted requests to the app. Cloned per connection with the client's address.
 #[derive(Clone, Debug)]
-pub struct Proxy {
+pub(crate) struct Proxy {
     shared: Arc<Shared>,
     /// The client's address as an `X-Forwarded-For` entry, rendered once per connection.
     client_ip: Option<HeaderValue>,
@@ -76,7 +76,7 @@ type Sent = Result<(Response<Incoming>, Option<Lease>), SendError>;
 /// `--on-client-abort finish`, dropping it before it is done (the client went away) moves the
 /// rest of the exchange to a task of its own, so the app's work is not cut off and the slot
 /// stays held until it ends; with `cancel`, dropping it ends the exchange.
-pub struct ResponseFuture {
+pub(crate) struct ResponseFuture {
     exchange: Option<BoxedExchange>,
     finish_on_drop: bool,
 }
@@ -108,7 +108,7 @@ impl Proxy {
     /// Builds the client for the app in `live` (the upstream and its protocol are fixed at
     /// start; timeouts and the rest are read per request). `tunnels` tracks upgraded
     /// connections so the drain can wait for them.
-    pub fn new(
+    pub(crate) fn new(
         live: LiveConfig,
         progress: Progress,
         metrics: Arc<UpstreamMetrics>,
@@ -135,7 +135,7 @@ impl Proxy {
     }
 
     /// A copy for one client connection.
-    pub fn for_client(&self, addr: SocketAddr) -> Proxy {
+    pub(crate) fn for_client(&self, addr: SocketAddr) -> Proxy {
         Proxy {
             shared: self.shared.clone(),
             client_ip: Some(headers::client_ip(addr.ip())),

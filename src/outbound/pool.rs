@@ -51,7 +51,7 @@ struct Idle {
 /// response has been read to its end; dropping it instead closes the connection (hyper closes
 /// a connection whose sender is gone once it is idle, or at once if a message is half done).
 #[derive(Debug)]
-pub struct Lease {
+pub(crate) struct Lease {
     sender: SendRequest<RequestBody>,
     pool: Arc<Pool>,
 }
@@ -205,7 +205,7 @@ impl Lease {
     /// caught up yet with the end of the message (the body's last bytes and hyper's switch to
     /// the next message happen in different tasks); then a small task puts it back once it
     /// is ready, or drops it if it closes instead (the app said `Connection: close`).
-    pub fn release(self) {
+    pub(crate) fn release(self) {
         let Lease { mut sender, pool } = self;
         if sender.is_ready() {
             pool.put(sender);

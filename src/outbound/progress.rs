@@ -16,7 +16,7 @@ pub struct Stamp {
 }
 
 /// The progress clock: stamped whenever the app completes a proxied response.
-pub type Progress = Stamp;
+pub(crate) type Progress = Stamp;
 
 // === impl Stamp ===
 

@@ -14,7 +14,7 @@ use crate::error::Rejected;
 /// stream through, and turns a failure to read the body into [`Rejected`], so the client is
 /// answered with a 4xx (and the app's half-sent request is aborted), not a 502.
 #[derive(Debug)]
-pub struct RequestBody {
+pub(crate) struct RequestBody {
     /// `None` for an empty body made by tidegate (a bodiless request sent again).
     inner: Option<Incoming>,
     limit: Option<u64>,
@@ -26,7 +26,7 @@ pub struct RequestBody {
 impl RequestBody {
     /// Wraps `inner`; more than `limit` bytes (if set) fail the body with
     /// [`Rejected::BodyTooLarge`].
-    pub fn new(inner: Incoming, limit: Option<u64>) -> RequestBody {
+    pub(crate) fn new(inner: Incoming, limit: Option<u64>) -> RequestBody {
         RequestBody {
             inner: Some(inner),
             limit,
@@ -35,7 +35,7 @@ impl RequestBody {
     }
 
     /// An empty body, for a copy of a bodiless request.
-    pub fn empty() -> RequestBody {
+    pub(crate) fn empty() -> RequestBody {
         RequestBody {
             inner: None,
             limit: None,

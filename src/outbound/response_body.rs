@@ -16,7 +16,7 @@ use crate::outbound::progress::Progress;
 
 /// The body of every response the proxy lane sends.
 #[derive(Debug)]
-pub enum ResponseBody {
+pub(crate) enum ResponseBody {
     /// Streamed from the app.
     Upstream(UpstreamBody),
     /// Written by tidegate (refusals, errors, coalesced copies); empty when `None` was given.
@@ -30,7 +30,7 @@ pub enum ResponseBody {
 /// stopped the reading, then the rest as it streams (a coalescing leader's body that could not
 /// be shared).
 #[derive(Debug)]
-pub struct Resumed {
+pub(crate) struct Resumed {
     read: Option<Bytes>,
     next: Option<Frame<Bytes>>,
     rest: ResponseBody,
@@ -39,7 +39,7 @@ pub struct Resumed {
 /// What an exchange with the app holds until it is over: the slot, and the progress clock
 /// that `/app/livez` reads.
 #[derive(Debug)]
-pub struct ExchangeGuard {
+pub(crate) struct ExchangeGuard {
     admission: Admission,
     progress: Progress,
     on_abort: ClientAbort,
@@ -52,7 +52,7 @@ pub struct ExchangeGuard {
 /// When the client goes away first and `--on-client-abort finish` is set, the rest of the body
 /// is read and discarded in the background, so the slot is held until the app is done.
 #[derive(Debug)]
-pub struct UpstreamBody {
+pub(crate) struct UpstreamBody {
     inner: Option<Incoming>,
     guard: Option<ExchangeGuard>,
     lease: Option<Lease>,
@@ -61,13 +61,8 @@ pub struct UpstreamBody {
 // === impl ResponseBody ===
 
 impl ResponseBody {
-    /// A body written by tidegate.
-    pub fn local(text: &'static str) -> ResponseBody {
-        ResponseBody::Local(Some(Bytes::from_static(text.as_bytes())))
-    }
-
     /// An empty body.
-    pub fn empty() -> ResponseBody {
+    pub(crate) fn empty() -> ResponseBody {
         ResponseBody::Local(None)
     }
 }
@@ -110,7 +105,11 @@ impl Body for ResponseBody {
 
 impl ExchangeGuard {
     /// Ties an admission to the exchange it admitted.
-    pub fn new(admission: Admission, progress: Progress, on_abort: ClientAbort) -> ExchangeGuard {
+    pub(crate) fn new(
+        admission: Admission,
+        progress: Progress,
+        on_abort: ClientAbort,
+    ) -> ExchangeGuard {
         ExchangeGuard {
             admission,
             progress,
@@ -119,12 +118,12 @@ impl ExchangeGuard {
     }
 
     /// The admission, to adjust its latency sample.
-    pub fn admission_mut(&mut self) -> &mut Admission {
+    pub(crate) fn admission_mut(&mut self) -> &mut Admission {
         &mut self.admission
     }
 
     /// The app finished the exchange: note its progress and free the slot.
-    pub fn complete(self) {
+    pub(crate) fn complete(self) {
         self.progress.record();
         drop(self.admission);
     }
@@ -134,7 +133,7 @@ impl ExchangeGuard {
 
 impl UpstreamBody {
     /// Wraps the app's body; `guard` and `lease` are released when the body ends.
-    pub fn new(inner: Incoming, guard: ExchangeGuard, lease: Option<Lease>) -> UpstreamBody {
+    pub(crate) fn new(inner: Incoming, guard: ExchangeGuard, lease: Option<Lease>) -> UpstreamBody {
         let mut body = UpstreamBody {
             inner: Some(inner),
             guard: Some(guard),
@@ -236,7 +235,7 @@ async fn discard_rest(mut body: Incoming, guard: ExchangeGuard, lease: Option<Le
 
 impl Resumed {
     /// `read`, then `next`, then the rest of `rest`.
-    pub fn new(read: Bytes, next: Frame<Bytes>, rest: ResponseBody) -> Resumed {
+    pub(crate) fn new(read: Bytes, next: Frame<Bytes>, rest: ResponseBody) -> Resumed {
         Resumed {
             read: Some(read),
             next: Some(next),

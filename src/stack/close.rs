@@ -14,13 +14,13 @@ use crate::drain::Lifecycle;
 
 /// Layer producing [`CloseOnShutdown`].
 #[derive(Clone, Debug)]
-pub struct CloseOnShutdownLayer {
+pub(crate) struct CloseOnShutdownLayer {
     lifecycle: Lifecycle,
 }
 
 /// Adds `Connection: close` to HTTP/1.x responses sent once shutdown has started.
 #[derive(Clone, Debug)]
-pub struct CloseOnShutdown<S> {
+pub(crate) struct CloseOnShutdown<S> {
     inner: S,
     lifecycle: Lifecycle,
 }
@@ -28,7 +28,7 @@ pub struct CloseOnShutdown<S> {
 pin_project! {
     /// Future returned by [`CloseOnShutdown`]: checks the phase when the response is ready,
     /// so a long request started before SIGTERM still closes its connection.
-    pub struct ResponseFuture<F> {
+    pub(crate) struct ResponseFuture<F> {
         #[pin]
         inner: F,
         lifecycle: Option<Lifecycle>,
@@ -39,7 +39,7 @@ pin_project! {
 
 impl CloseOnShutdownLayer {
     /// A layer that watches `lifecycle`.
-    pub fn new(lifecycle: Lifecycle) -> CloseOnShutdownLayer {
+    pub(crate) fn new(lifecycle: Lifecycle) -> CloseOnShutdownLayer {
         CloseOnShutdownLayer { lifecycle }
     }
 }

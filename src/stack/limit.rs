@@ -17,13 +17,13 @@ use crate::error::{BoxError, Overloaded};
 
 /// Layer producing [`Limit`].
 #[derive(Clone, Debug)]
-pub struct LimitLayer {
+pub(crate) struct LimitLayer {
     limiter: Limiter,
 }
 
 /// Admits each request through a shared [`Limiter`] before calling the inner service.
 #[derive(Clone, Debug)]
-pub struct Limit<S> {
+pub(crate) struct Limit<S> {
     inner: S,
     limiter: Limiter,
 }
@@ -33,7 +33,7 @@ type Wait = Pin<Box<dyn Future<Output = Result<Admission, Overloaded>> + Send>>;
 
 pin_project_lite::pin_project! {
     /// Future returned by [`Limit`].
-    pub struct ResponseFuture<S, B>
+    pub(crate) struct ResponseFuture<S, B>
     where
         S: Service<Admitted<Request<B>>>,
     {
@@ -61,7 +61,7 @@ pin_project_lite::pin_project! {
 
 impl LimitLayer {
     /// A layer admitting requests through `limiter` (shared by every connection).
-    pub fn new(limiter: Limiter) -> LimitLayer {
+    pub(crate) fn new(limiter: Limiter) -> LimitLayer {
         LimitLayer { limiter }
     }
 }

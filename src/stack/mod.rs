@@ -10,13 +10,13 @@
 //!
 //! then the proxy ([`crate::outbound`]), which forwards to the app.
 
-pub mod close;
-pub mod coalesce;
-pub mod limit;
-pub mod record;
-pub mod rescue;
-pub mod route;
-pub mod screen;
+pub(crate) mod close;
+pub(crate) mod coalesce;
+pub(crate) mod limit;
+pub(crate) mod record;
+pub(crate) mod rescue;
+pub(crate) mod route;
+pub(crate) mod screen;
 
 use std::net::SocketAddr;
 
@@ -32,11 +32,12 @@ use crate::stack::route::{Route, RouteLayer};
 use crate::stack::screen::{Screen, ScreenLayer};
 
 /// The service one client connection is served by.
-pub type ConnService = Record<CloseOnShutdown<Rescue<Screen<Route<Coalesce<Limit<Proxy>>>>>>>;
+pub(crate) type ConnService =
+    Record<CloseOnShutdown<Rescue<Screen<Route<Coalesce<Limit<Proxy>>>>>>>;
 
 /// The layers, built once at start-up and cloned per connection.
 #[derive(Clone, Debug)]
-pub struct ProxyStack {
+pub(crate) struct ProxyStack {
     /// Metrics and access log.
     pub record: RecordLayer,
     /// `Connection: close` once shutdown starts.
@@ -59,7 +60,7 @@ pub struct ProxyStack {
 
 impl ProxyStack {
     /// The stack for one client connection from `client_addr`.
-    pub fn service(&self, client_addr: SocketAddr) -> ConnService {
+    pub(crate) fn service(&self, client_addr: SocketAddr) -> ConnService {
         ServiceBuilder::new()
             .layer(self.record.clone())
             .layer(self.close.clone())

@@ -15,14 +15,14 @@ use crate::metrics::RequestMetrics;
 
 /// Tower layer that records [`Metrics`] for every request (see [`Record`]).
 #[derive(Clone, Debug)]
-pub struct RecordLayer {
+pub(crate) struct RecordLayer {
     metrics: Arc<RequestMetrics>,
     live: LiveConfig,
 }
 
 /// Service produced by [`RecordLayer`]: counts responses, times them, writes the access log.
 #[derive(Clone, Debug)]
-pub struct Record<S> {
+pub(crate) struct Record<S> {
     inner: S,
     metrics: Arc<RequestMetrics>,
     live: LiveConfig,
@@ -30,7 +30,7 @@ pub struct Record<S> {
 
 pin_project_lite::pin_project! {
     /// Future returned by [`Record`]: the inner future, then the response counted and timed.
-    pub struct RecordFuture<F> {
+    pub(crate) struct RecordFuture<F> {
         #[pin]
         inner: F,
         start: Instant,
@@ -53,7 +53,7 @@ struct AccessLine {
 impl RecordLayer {
     /// A layer recording request metrics, with an access log line per request while the
     /// live config's `access_log` is on.
-    pub fn new(metrics: Arc<RequestMetrics>, live: LiveConfig) -> RecordLayer {
+    pub(crate) fn new(metrics: Arc<RequestMetrics>, live: LiveConfig) -> RecordLayer {
         RecordLayer { metrics, live }
     }
 }

@@ -30,14 +30,14 @@ use crate::error::{
 use crate::outbound::response_body::ResponseBody;
 
 /// Header naming why tidegate refused a request.
-pub const TIDEGATE_SHED: HeaderName = HeaderName::from_static("tidegate-shed");
+pub(crate) const TIDEGATE_SHED: HeaderName = HeaderName::from_static("tidegate-shed");
 /// Header naming the failure tidegate answered for.
-pub const TIDEGATE_ERROR: HeaderName = HeaderName::from_static("tidegate-error");
+pub(crate) const TIDEGATE_ERROR: HeaderName = HeaderName::from_static("tidegate-error");
 
 /// How `Retry-After` is chosen for refusals: `base` plus a random whole number of seconds up
 /// to `jitter`, so refused clients do not come back in lockstep.
 #[derive(Copy, Clone, Debug)]
-pub struct RetryAfter {
+pub(crate) struct RetryAfter {
     /// Smallest value sent.
     pub base: Duration,
     /// Largest random addition.
@@ -46,20 +46,20 @@ pub struct RetryAfter {
 
 /// Layer producing [`Rescue`].
 #[derive(Clone, Debug)]
-pub struct RescueLayer {
+pub(crate) struct RescueLayer {
     live: LiveConfig,
 }
 
 /// Maps the inner service's errors to responses; its own error type is [`Infallible`].
 #[derive(Clone, Debug)]
-pub struct Rescue<S> {
+pub(crate) struct Rescue<S> {
     inner: S,
     live: LiveConfig,
 }
 
 pin_project_lite::pin_project! {
     /// Future returned by [`Rescue`]: the inner future, its error turned into a response.
-    pub struct ResponseFuture<F> {
+    pub(crate) struct ResponseFuture<F> {
         #[pin]
         inner: F,
         http1: bool,
@@ -71,7 +71,7 @@ pin_project_lite::pin_project! {
 
 impl RetryAfter {
     /// Picks a value in whole seconds (at least 1); `base` overrides the configured base.
-    pub fn pick(&self, base: Option<Duration>) -> u64 {
+    pub(crate) fn pick(&self, base: Option<Duration>) -> u64 {
         let base = base.unwrap_or(self.base).as_secs().max(1);
         let jitter = self.jitter.as_secs();
         base + if jitter == 0 {
@@ -86,7 +86,7 @@ impl RetryAfter {
 
 impl RescueLayer {
     /// A rescue layer; the `Retry-After` policy is read from the live config on each refusal.
-    pub fn new(live: LiveConfig) -> RescueLayer {
+    pub(crate) fn new(live: LiveConfig) -> RescueLayer {
         RescueLayer { live }
     }
 }
@@ -162,7 +162,7 @@ where
 }
 
 /// The response tidegate sends for `error`.
-pub fn to_response(
+pub(crate) fn to_response(
     error: &(dyn std::error::Error + 'static),
     retry_after: RetryAfter,
 ) -> Response<ResponseBody> {

@@ -20,7 +20,7 @@ use crate::error::{BoxError, Rejected};
 
 /// A request with what the route stage decided about it.
 #[derive(Debug)]
-pub struct Routed<R> {
+pub(crate) struct Routed<R> {
     /// The request.
     pub request: R,
     /// Its route and the body limit that applies to it.
@@ -31,14 +31,14 @@ pub struct Routed<R> {
 
 /// Layer producing [`Route`].
 #[derive(Clone, Debug)]
-pub struct RouteLayer {
+pub(crate) struct RouteLayer {
     limiter: Limiter,
     client: Option<IpAddr>,
 }
 
 /// Classifies each request once and hands the inner service a [`Routed`] request.
 #[derive(Clone, Debug)]
-pub struct Route<S> {
+pub(crate) struct Route<S> {
     inner: S,
     limiter: Limiter,
     /// The connection's client, for `--retry-memory`.
@@ -46,14 +46,15 @@ pub struct Route<S> {
 }
 
 /// Future returned by [`Route`]: the inner service's, or a refusal.
-pub type ResponseFuture<F, T, E> = Either<MapErr<F, fn(E) -> BoxError>, Ready<Result<T, BoxError>>>;
+pub(crate) type ResponseFuture<F, T, E> =
+    Either<MapErr<F, fn(E) -> BoxError>, Ready<Result<T, BoxError>>>;
 
 // === impl RouteLayer ===
 
 impl RouteLayer {
     /// A layer classifying requests with `limiter`'s routes and classifier (shared by every
     /// connection).
-    pub fn new(limiter: Limiter) -> RouteLayer {
+    pub(crate) fn new(limiter: Limiter) -> RouteLayer {
         RouteLayer {
             limiter,
             client: None,
@@ -61,7 +62,7 @@ impl RouteLayer {
     }
 
     /// The layer for one client connection from `addr`.
-    pub fn for_client(&self, addr: SocketAddr) -> RouteLayer {
+    pub(crate) fn for_client(&self, addr: SocketAddr) -> RouteLayer {
         RouteLayer {
             limiter: self.limiter.clone(),
             client: Some(addr.ip().to_canonical()),

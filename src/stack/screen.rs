@@ -19,27 +19,27 @@ use std::sync::Arc;
 
 /// Layer producing [`Screen`].
 #[derive(Clone, Debug)]
-pub struct ScreenLayer {
+pub(crate) struct ScreenLayer {
     live: LiveConfig,
     metrics: Arc<RequestMetrics>,
 }
 
 /// Checks each request against the limits in force before calling the inner service.
 #[derive(Clone, Debug)]
-pub struct Screen<S> {
+pub(crate) struct Screen<S> {
     inner: S,
     live: LiveConfig,
     metrics: Arc<RequestMetrics>,
 }
 
 /// Future returned by [`Screen`]: the refusal, or the inner service's future untouched.
-pub type ResponseFuture<F, T> = Either<Ready<Result<T, BoxError>>, F>;
+pub(crate) type ResponseFuture<F, T> = Either<Ready<Result<T, BoxError>>, F>;
 
 // === impl ScreenLayer ===
 
 impl ScreenLayer {
     /// A layer reading the limits from `live` on each request and counting refusals.
-    pub fn new(live: LiveConfig, metrics: Arc<RequestMetrics>) -> ScreenLayer {
+    pub(crate) fn new(live: LiveConfig, metrics: Arc<RequestMetrics>) -> ScreenLayer {
         ScreenLayer { live, metrics }
     }
 }
@@ -90,7 +90,7 @@ where
 
 /// The limits one request is checked against.
 #[derive(Copy, Clone, Debug)]
-pub struct Limits {
+pub(crate) struct Limits {
     /// Longest request target (path and query) in bytes.
     pub max_uri_bytes: u64,
     /// Most header fields.
@@ -101,7 +101,7 @@ pub struct Limits {
 
 impl Limits {
     /// Whether `request` may go on to admission, or why not.
-    pub fn check<B>(&self, request: &Request<B>) -> Result<(), Rejected> {
+    pub(crate) fn check<B>(&self, request: &Request<B>) -> Result<(), Rejected> {
         let target = request
             .uri()
             .path_and_query()

@@ -18,9 +18,9 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tidegate::app::Metrics;
-use tidegate::drain::{DrainOutcome, Lifecycle};
+use tidegate::Metrics;
 use tidegate::{Config, Server};
+use tidegate::{DrainOutcome, Lifecycle};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, Semaphore};
 

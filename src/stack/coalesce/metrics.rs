@@ -20,7 +20,7 @@ pub struct CoalesceMetrics {
 
 /// `tidegate_coalesced_requests_total{outcome}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CoalesceOutcome {
+pub(crate) enum CoalesceOutcome {
     /// Answered with an identical request's response.
     Shared,
     /// Sent on its own after all: the response could not be shared.

@@ -26,7 +26,7 @@
 //! larger is streamed on to the leader after what was read, and the followers go alone.
 
 mod cache;
-pub mod metrics;
+pub(crate) mod metrics;
 mod rules;
 
 use std::collections::HashMap;
@@ -55,24 +55,24 @@ use crate::outbound::response_body::{ResponseBody, Resumed};
 
 /// Layer producing [`Coalesce`].
 #[derive(Clone, Debug)]
-pub struct CoalesceLayer {
+pub(crate) struct CoalesceLayer {
     shared: Arc<Shared>,
 }
 
 /// Lets identical GETs on coalescing routes share one exchange with the app.
 #[derive(Clone, Debug)]
-pub struct Coalesce<S> {
+pub(crate) struct Coalesce<S> {
     inner: S,
     shared: Arc<Shared>,
 }
 
 /// Future of a coalesced (leader or follower) request.
-pub type CoalescedFuture =
+pub(crate) type CoalescedFuture =
     Pin<Box<dyn Future<Output = Result<Response<ResponseBody>, BoxError>> + Send>>;
 
 /// Future returned by [`Coalesce`]: the inner service's own, unboxed, for requests that are
 /// not coalesced.
-pub type ResponseFuture<F, E> = Either<MapErr<F, fn(E) -> BoxError>, CoalescedFuture>;
+pub(crate) type ResponseFuture<F, E> = Either<MapErr<F, fn(E) -> BoxError>, CoalescedFuture>;
 
 #[derive(Debug)]
 struct Shared {
@@ -122,7 +122,7 @@ struct Waiting<'a>(&'a CoalesceMetrics);
 
 impl CoalesceLayer {
     /// A layer sharing one set of flights across every connection.
-    pub fn new(live: LiveConfig, metrics: Arc<CoalesceMetrics>) -> CoalesceLayer {
+    pub(crate) fn new(live: LiveConfig, metrics: Arc<CoalesceMetrics>) -> CoalesceLayer {
         CoalesceLayer {
             shared: Arc::new(Shared {
                 live,
