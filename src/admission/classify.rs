@@ -11,7 +11,6 @@ use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use http::{HeaderMap, HeaderName};
 use tokio::time::Instant;
 
@@ -42,39 +41,23 @@ pub struct RequestClass {
     pub client: Option<IpAddr>,
 }
 
-#[derive(Debug)]
+/// Classifies requests with the settings it is given, and remembers the clients recently
+/// refused (`--retry-memory`).
+#[derive(Debug, Default)]
 pub(super) struct Classifier {
-    config: ArcSwap<ClassifyConfig>,
     refused: Mutex<HashMap<IpAddr, Instant>>,
 }
 
 // === impl Classifier ===
 
 impl Classifier {
-    pub(super) fn new(config: &ClassifyConfig) -> Classifier {
-        Classifier {
-            config: ArcSwap::from_pointee(config.clone()),
-            refused: Mutex::new(HashMap::new()),
-        }
-    }
-
-    pub(super) fn reconfigure(&self, config: &ClassifyConfig) {
-        if **self.config.load() != *config {
-            self.config.store(std::sync::Arc::new(config.clone()));
-        }
-    }
-
-    pub(super) fn config(&self) -> std::sync::Arc<ClassifyConfig> {
-        self.config.load_full()
-    }
-
     pub(super) fn classify(
         &self,
+        config: &ClassifyConfig,
         headers: &HeaderMap,
         route: Option<Priority>,
         client: Option<IpAddr>,
     ) -> RequestClass {
-        let config = self.config.load();
         let header = config
             .priority_header
             .as_ref()
@@ -96,9 +79,9 @@ impl Classifier {
     }
 
     /// Remembers that `client` was just refused (when `--retry-memory` is on).
-    pub(super) fn note_refused(&self, client: Option<IpAddr>) {
+    pub(super) fn note_refused(&self, retry_memory: Option<Duration>, client: Option<IpAddr>) {
         let Some(ip) = client else { return };
-        let Some(memory) = self.config.load().retry_memory else {
+        let Some(memory) = retry_memory else {
             return;
         };
         let mut refused = self.lock();
@@ -141,12 +124,42 @@ mod tests {
             .collect()
     }
 
-    fn classifier(memory: Option<Duration>) -> Classifier {
-        Classifier::new(&ClassifyConfig {
-            priority_header: Some(HeaderName::from_static("x-priority")),
-            retry_header: Some(HeaderName::from_static("x-retry-attempt")),
-            retry_memory: memory,
-        })
+    /// A classifier with its settings, called as the limiter calls it.
+    struct Fixture {
+        classifier: Classifier,
+        config: ClassifyConfig,
+    }
+
+    impl Fixture {
+        fn classify(
+            &self,
+            headers: &HeaderMap,
+            route: Option<Priority>,
+            client: Option<IpAddr>,
+        ) -> RequestClass {
+            self.classifier
+                .classify(&self.config, headers, route, client)
+        }
+
+        fn note_refused(&self, client: Option<IpAddr>) {
+            self.classifier
+                .note_refused(self.config.retry_memory, client)
+        }
+
+        fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, Instant>> {
+            self.classifier.lock()
+        }
+    }
+
+    fn classifier(memory: Option<Duration>) -> Fixture {
+        Fixture {
+            classifier: Classifier::default(),
+            config: ClassifyConfig {
+                priority_header: Some(HeaderName::from_static("x-priority")),
+                retry_header: Some(HeaderName::from_static("x-retry-attempt")),
+                retry_memory: memory,
+            },
+        }
     }
 
     #[tokio::test]

@@ -22,7 +22,7 @@ mod state;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -147,12 +147,11 @@ struct Shared {
     global: Arc<Slots>,
     routes: ArcSwap<Routes>,
     default_route: RouteCounters,
-    max_queue: AtomicUsize,
-    queue_timeout_ms: AtomicU64,
-    /// `--max-request-body` in bytes; `u64::MAX` is unlimited.
-    max_request_body: AtomicU64,
-    /// `--retry-after-from-queue` bounds in ms; `(0, 0)` is off.
-    retry_after_bounds_ms: (AtomicU64, AtomicU64),
+    /// The settings in force, swapped whole by [`Limiter::reconfigure`]: the one way the
+    /// limiter's live settings reach the request path (the slots and route gates are
+    /// resized in place from it).
+    settings: ArcSwap<LimitConfig>,
+    /// Clients recently refused (`--retry-memory`).
     classifier: Classifier,
     /// The adaptive limit last written to the log.
     logged_limit: AtomicU32,
@@ -223,11 +222,8 @@ impl Limiter {
                 states: Vec::new(),
             }),
             default_route: RouteCounters::new(&metrics, DEFAULT_ROUTE),
-            max_queue: AtomicUsize::new(config.max_queue),
-            queue_timeout_ms: AtomicU64::new(config.queue_timeout.as_millis() as u64),
-            max_request_body: AtomicU64::new(u64::MAX),
-            retry_after_bounds_ms: (AtomicU64::new(0), AtomicU64::new(0)),
-            classifier: Classifier::new(&config.classify),
+            settings: ArcSwap::from_pointee(config.clone()),
+            classifier: Classifier::default(),
             logged_limit: AtomicU32::new(0),
             queued: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
@@ -252,23 +248,7 @@ impl Limiter {
             config.discipline,
         );
         shared.logged_limit.store(limit as u32, Ordering::Relaxed);
-        shared.classifier.reconfigure(&config.classify);
-        let (low, high) = config.retry_after_estimate.map_or((0, 0), |(l, h)| {
-            (l.as_millis() as u64, h.as_millis() as u64)
-        });
-        shared.retry_after_bounds_ms.0.store(low, Ordering::Relaxed);
-        shared
-            .retry_after_bounds_ms
-            .1
-            .store(high, Ordering::Relaxed);
-        shared.max_queue.store(config.max_queue, Ordering::Release);
-        shared.max_request_body.store(
-            config.max_request_body.unwrap_or(u64::MAX),
-            Ordering::Release,
-        );
-        shared
-            .queue_timeout_ms
-            .store(config.queue_timeout.as_millis() as u64, Ordering::Release);
+        shared.settings.store(Arc::new(config.clone()));
         let old = shared.routes.load();
         let mut by_key: HashMap<String, &Arc<RouteState>> = old
             .specs
@@ -335,10 +315,7 @@ impl Limiter {
         let max_request_body = route
             .as_ref()
             .and_then(|r| r.spec.max_request_body)
-            .or_else(|| {
-                let global = self.shared.max_request_body.load(Ordering::Acquire);
-                (global != u64::MAX).then_some(global)
-            });
+            .or_else(|| self.shared.settings.load().max_request_body);
         RouteRef {
             route,
             max_request_body,
@@ -353,10 +330,11 @@ impl Limiter {
         client: Option<std::net::IpAddr>,
     ) -> RequestClass {
         let route_priority = route.route.as_ref().and_then(|r| r.spec.priority);
-        let class = self
-            .shared
-            .classifier
-            .classify(headers, route_priority, client);
+        let settings = self.shared.settings.load();
+        let class =
+            self.shared
+                .classifier
+                .classify(&settings.classify, headers, route_priority, client);
         if class.retry {
             self.shared.metrics.retries_seen.inc();
         }
@@ -413,7 +391,7 @@ impl Limiter {
 
     /// The queue bound.
     pub fn max_queue(&self) -> usize {
-        self.shared.max_queue.load(Ordering::Relaxed)
+        self.shared.settings.load().max_queue
     }
 
     /// The `Retry-After` a refusal would carry now with `--retry-after-from-queue`.
@@ -466,7 +444,8 @@ impl Shared {
         reason: ShedReason,
     ) -> Overloaded {
         self.counters(route).shed[reason as usize].inc();
-        self.classifier.note_refused(client);
+        let retry_memory = self.settings.load().classify.retry_memory;
+        self.classifier.note_refused(retry_memory, client);
         let route_retry_after = route.and_then(|r| r.spec.retry_after);
         let retry_after = match reason {
             ShedReason::Draining => route_retry_after,
@@ -486,11 +465,8 @@ impl Shared {
 
     /// [`Shared::retry_after_estimate`] with the service rate given (read only if needed).
     fn retry_after_at(&self, rate: impl FnOnce() -> f64) -> Option<Duration> {
-        let low = self.retry_after_bounds_ms.0.load(Ordering::Relaxed);
-        let high = self.retry_after_bounds_ms.1.load(Ordering::Relaxed);
-        if high == 0 {
-            return None;
-        }
+        let (low, high) = self.settings.load().retry_after_estimate?;
+        let (low, high) = (low.as_millis() as u64, high.as_millis() as u64);
         let rate = rate();
         let ahead = self.queued.load(Ordering::Relaxed) as f64 + 1.0;
         let ms = if rate > 0.0 {

@@ -4,7 +4,6 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
 
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
@@ -114,7 +113,7 @@ impl Limiter {
 
 impl Shared {
     fn enqueue(self: &Arc<Self>, route: Option<&Arc<RouteState>>) -> Option<QueuePlace> {
-        reserve(&self.queued, self.max_queue.load(Ordering::Acquire))?;
+        reserve(&self.queued, self.settings.load().max_queue)?;
         Some(self.place(route))
     }
 
@@ -152,7 +151,7 @@ impl Queued {
             place,
         } = self;
         let start = Instant::now();
-        let timeout = Duration::from_millis(shared.queue_timeout_ms.load(Ordering::Acquire));
+        let timeout = shared.settings.load().queue_timeout;
         let wait = async {
             if route_permit.is_none()
                 && let Some(r) = &route

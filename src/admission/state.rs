@@ -71,7 +71,8 @@ impl Limiter {
         let slots = shared.global.view();
         let discipline = slots.discipline;
         let retry_after_estimate = shared.retry_after_at(|| slots.service_rate);
-        let classify = shared.classifier.config();
+        let settings = shared.settings.load();
+        let classify = &settings.classify;
         let mode = match (&slots.adaptive, slots.limit) {
             (Some(_), _) => "auto",
             (None, Some(_)) => "fixed",
@@ -106,7 +107,7 @@ impl Limiter {
             slots,
             queued: self.queued(),
             max_queue: self.max_queue(),
-            queue_timeout: shared.queue_timeout_ms.load(Ordering::Relaxed) as f64 / 1e3,
+            queue_timeout: settings.queue_timeout.as_secs_f64(),
             codel_target: discipline.codel_target.map(|d| d.as_secs_f64()),
             codel_interval: discipline.codel_interval.as_secs_f64(),
             lifo: discipline.lifo,
@@ -166,7 +167,7 @@ impl Limiter {
             ),
             (
                 AdmissionSetting::QueueTimeoutSeconds,
-                shared.queue_timeout_ms.load(Ordering::Relaxed) as f64 / 1e3,
+                shared.settings.load().queue_timeout.as_secs_f64(),
             ),
         ] {
             metrics
