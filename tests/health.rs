@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use support::*;
-use tokio::sync::Semaphore;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn probes_answer_fast_while_proxy_and_app_are_saturated() {
@@ -93,24 +92,10 @@ async fn probes_answer_fast_while_proxy_and_app_are_saturated() {
     }
 }
 
-/// An app whose requests (and health route) hang while `hung` is set.
-async fn hangable_app(hung: Arc<AtomicBool>) -> Upstream {
-    upstream(move |_req: Request<Incoming>| {
-        let hung = hung.clone();
-        async move {
-            while hung.load(Ordering::SeqCst) {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            Response::new(full("ok"))
-        }
-    })
-    .await
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hung_app_fails_app_livez_after_the_window_and_recovers() {
     let hung = Arc::new(AtomicBool::new(false));
-    let app = hangable_app(hung.clone()).await;
+    let app = App::new().hang_while(hung.clone()).start().await;
     let tg = tidegate(
         app.addr,
         &[
@@ -370,27 +355,6 @@ async fn optional_unready_when_saturated_with_hysteresis() {
     }
 }
 
-/// An app with `workers` sync workers: each request holds one for its whole duration, and
-/// requests beyond that wait in a backlog, as in a WSGI server. `/slow` takes `slow`, `/fast`
-/// and `/health` a few milliseconds.
-async fn worker_app(workers: usize, slow: Duration) -> Upstream {
-    let pool = Arc::new(Semaphore::new(workers));
-    upstream(move |req: Request<Incoming>| {
-        let pool = pool.clone();
-        async move {
-            let _worker = pool.acquire().await.unwrap();
-            let work = if req.uri().path().starts_with("/slow") {
-                slow
-            } else {
-                Duration::from_millis(5)
-            };
-            tokio::time::sleep(work).await;
-            Response::new(full("done"))
-        }
-    })
-    .await
-}
-
 /// Slow clients that retry: each loops until `until`, retrying after 503s.
 fn burst(
     url: String,
@@ -427,7 +391,13 @@ async fn saturation_incident_reproduced_and_prevented() {
     let probe_timeout = Duration::from_secs(1);
 
     // Without tidegate: the burst hits the app directly and its health route starves.
-    let bare = worker_app(WORKERS, slow).await;
+    let bare = App::new()
+        .workers(WORKERS)
+        .delay("/slow", slow)
+        .default_delay(Duration::from_millis(5))
+        .body("done")
+        .start()
+        .await;
     let stop = Arc::new(AtomicBool::new(false));
     let prober = spawn_prober(bare.addr, "/health", period, probe_timeout, 3, stop.clone());
     let until = Instant::now() + Duration::from_secs(4);
@@ -445,7 +415,13 @@ async fn saturation_incident_reproduced_and_prevented() {
     );
 
     // With tidegate: at most WORKERS in flight, slow route capped below that.
-    let app = worker_app(WORKERS, slow).await;
+    let app = App::new()
+        .workers(WORKERS)
+        .delay("/slow", slow)
+        .default_delay(Duration::from_millis(5))
+        .body("done")
+        .start()
+        .await;
     let tg = tidegate(
         app.addr,
         &[

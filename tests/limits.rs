@@ -8,23 +8,12 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{Request, Response, StatusCode};
+use http::{Request, StatusCode};
 use http_body_util::{BodyExt, StreamBody};
-use hyper::body::{Frame, Incoming};
+use hyper::body::Frame;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-/// An upstream that answers with the size of the body it read whole.
-async fn body_size_upstream() -> Upstream {
-    upstream(|req: Request<Incoming>| async move {
-        match req.into_body().collect().await {
-            Ok(body) => Response::new(full(body.to_bytes().len().to_string())),
-            Err(_) => Response::new(full("body error")),
-        }
-    })
-    .await
-}
 
 async fn rejected(tg: &Tidegate, reason: &str) -> Option<f64> {
     metric(
@@ -105,7 +94,7 @@ async fn oversized_heads_get_431_and_long_targets_414() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_bodies_over_the_limit_get_413_globally_and_per_route() {
-    let app = body_size_upstream().await;
+    let app = App::new().echo_body_size().start().await;
     let file = scratch_file(
         "tidegate.toml",
         "max_request_body = \"1KiB\"\n\n[[route]]\nprefix = \"/upload\"\nmax_request_body = \"64KiB\"\n",

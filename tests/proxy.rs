@@ -15,26 +15,9 @@ use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// An upstream that echoes what it received as response headers `echo-<name>`.
-async fn echo_headers() -> Upstream {
-    upstream(|req: Request<Incoming>| async move {
-        let mut rsp = Response::new(full(format!("{} {}", req.method(), req.uri())));
-        for (name, value) in req.headers() {
-            let echoed = http::HeaderName::from_bytes(format!("echo-{name}").as_bytes()).unwrap();
-            rsp.headers_mut().append(echoed, value.clone());
-        }
-        rsp.headers_mut().insert(
-            "echo-version",
-            format!("{:?}", req.version()).parse().unwrap(),
-        );
-        rsp
-    })
-    .await
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http1_request_is_forwarded_with_forwarding_headers() {
-    let app = echo_headers().await;
+    let app = App::new().echo_headers().start().await;
     let tg = tidegate(app.addr, &[]).await;
     let req = Request::get(tg.url("/hello?x=1"))
         .header("host", "public.example")
@@ -55,7 +38,7 @@ async fn http1_request_is_forwarded_with_forwarding_headers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn via_is_added_when_asked() {
-    let app = echo_headers().await;
+    let app = App::new().echo_headers().start().await;
     let tg = tidegate(app.addr, &["--via"]).await;
     let (_, headers, _) = get(&tg.url("/")).await.unwrap();
     assert_eq!(headers["echo-via"], "1.1 tidegate");
@@ -64,7 +47,7 @@ async fn via_is_added_when_asked() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2c_client_reaches_http1_app_on_the_same_port() {
-    let app = echo_headers().await;
+    let app = App::new().echo_headers().start().await;
     let tg = tidegate(app.addr, &[]).await;
     let req = Request::get(tg.url("/h2")).body(empty()).unwrap();
     let rsp = h2_client().request(req).await.unwrap();
@@ -80,7 +63,7 @@ async fn h2c_client_reaches_http1_app_on_the_same_port() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_http2_speaks_h2c_to_the_app() {
-    let app = echo_headers().await;
+    let app = App::new().echo_headers().start().await;
     let tg = tidegate(app.addr, &["--upstream-http2"]).await;
     let (status, headers, _) = get(&tg.url("/")).await.unwrap();
     assert_eq!(status, StatusCode::OK);

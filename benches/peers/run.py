@@ -560,13 +560,13 @@ def instructions(tidegate, benchkit, up_port, rounds, compare=()):
                 binaries[name] = Path(path)
     counts = {(name, load): [] for name, _, _ in kinds for load in INSTRUCTION_LOADS}
     for rnd in range(rounds):
-        for name, kind, shed in kinds:
-            tidegate = binaries.get(name, tidegate)
+        for i, (name, kind, shed) in enumerate(kinds):
+            binary = binaries.get(name, tidegate)
             t = Target(name, 1, kind)
-            out = TMP / f"callgrind-{kind}-{shed}-{rnd}.out"
+            out = TMP / f"callgrind-{i}-{rnd}.out"
             t.wrap = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
             t.single_process = True
-            t.start(up_port, tidegate, shed=shed)
+            t.start(up_port, binary, shed=shed)
             hold = None
             try:
                 if shed:

@@ -167,7 +167,139 @@ where
 
 /// An upstream that answers 200 "ok".
 pub async fn ok_upstream() -> Upstream {
-    upstream(|_req| async { Response::new(full("ok")) }).await
+    App::new().start().await
+}
+
+/// The configurable fake app: what it answers and how it behaves, set with its builder
+/// methods, then [`App::start`]. Tests that need a behaviour of their own write a handler for
+/// [`upstream`]; misbehaving apps (raw sockets) live beside their tests.
+#[derive(Clone, Default)]
+pub struct App {
+    body: Option<&'static str>,
+    delays: Vec<(&'static str, Duration)>,
+    default_delay: Duration,
+    workers: Option<usize>,
+    echo: Echo,
+    hang_while: Option<Arc<std::sync::atomic::AtomicBool>>,
+}
+
+/// What [`App`] sends back of the request.
+#[derive(Clone, Copy, Default, PartialEq)]
+enum Echo {
+    #[default]
+    Nothing,
+    /// Each request header as `echo-<name>`, the version as `echo-version`, and
+    /// `METHOD URI` as the body.
+    Headers,
+    /// The size of the request body, read whole, as the body.
+    BodySize,
+}
+
+impl App {
+    /// An app answering 200 "ok" at once.
+    pub fn new() -> App {
+        App::default()
+    }
+
+    /// Answers with `text`.
+    pub fn body(mut self, text: &'static str) -> App {
+        self.body = Some(text);
+        self
+    }
+
+    /// Requests under `prefix` take `time` (the first matching prefix wins).
+    pub fn delay(mut self, prefix: &'static str, time: Duration) -> App {
+        self.delays.push((prefix, time));
+        self
+    }
+
+    /// Requests under no [`App::delay`] prefix take `time`.
+    pub fn default_delay(mut self, time: Duration) -> App {
+        self.default_delay = time;
+        self
+    }
+
+    /// `n` sync workers, as in a WSGI server: each request holds one for its whole duration,
+    /// and requests beyond that wait for one.
+    pub fn workers(mut self, n: usize) -> App {
+        self.workers = Some(n);
+        self
+    }
+
+    /// Echoes the request's headers (see [`Echo::Headers`]).
+    pub fn echo_headers(mut self) -> App {
+        self.echo = Echo::Headers;
+        self
+    }
+
+    /// Answers with the size of the request body, read whole.
+    pub fn echo_body_size(mut self) -> App {
+        self.echo = Echo::BodySize;
+        self
+    }
+
+    /// Every request hangs while `flag` is set.
+    pub fn hang_while(mut self, flag: Arc<std::sync::atomic::AtomicBool>) -> App {
+        self.hang_while = Some(flag);
+        self
+    }
+
+    /// Starts it on an ephemeral port.
+    pub async fn start(self) -> Upstream {
+        let app = Arc::new(self);
+        let workers = app.workers.map(|n| Arc::new(Semaphore::new(n)));
+        upstream(move |req: Request<Incoming>| {
+            let app = app.clone();
+            let workers = workers.clone();
+            async move { app.answer(req, workers).await }
+        })
+        .await
+    }
+
+    async fn answer(
+        &self,
+        req: Request<Incoming>,
+        workers: Option<Arc<Semaphore>>,
+    ) -> Response<Body> {
+        let _worker = match &workers {
+            Some(pool) => Some(pool.acquire().await.unwrap()),
+            None => None,
+        };
+        if let Some(flag) = &self.hang_while {
+            while flag.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        let path = req.uri().path();
+        let delay = self
+            .delays
+            .iter()
+            .find(|(prefix, _)| path.starts_with(prefix))
+            .map_or(self.default_delay, |(_, time)| *time);
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        match self.echo {
+            Echo::Nothing => Response::new(full(self.body.unwrap_or("ok"))),
+            Echo::Headers => {
+                let mut rsp = Response::new(full(format!("{} {}", req.method(), req.uri())));
+                for (name, value) in req.headers() {
+                    let echoed =
+                        http::HeaderName::from_bytes(format!("echo-{name}").as_bytes()).unwrap();
+                    rsp.headers_mut().append(echoed, value.clone());
+                }
+                rsp.headers_mut().insert(
+                    "echo-version",
+                    format!("{:?}", req.version()).parse().unwrap(),
+                );
+                rsp
+            }
+            Echo::BodySize => match req.into_body().collect().await {
+                Ok(body) => Response::new(full(body.to_bytes().len().to_string())),
+                Err(_) => Response::new(full("body error")),
+            },
+        }
+    }
 }
 
 /// An upstream that holds every request until the test releases it.
@@ -253,41 +385,102 @@ pub struct Tidegate {
 /// Starts tidegate with `--listen`/`--admin-listen` on ephemeral ports, `--upstream` pointing
 /// at `upstream` (an address or a full URL), and `extra` flags.
 pub async fn tidegate(upstream: impl std::fmt::Display, extra: &[&str]) -> Tidegate {
-    let upstream = upstream.to_string();
-    let upstream =
-        if upstream.contains(':') && !upstream.contains("//") && !upstream.starts_with("unix:") {
-            format!("http://{upstream}")
-        } else {
-            upstream
-        };
-    let mut args = vec![
-        "tidegate",
-        "--listen",
-        "127.0.0.1:0",
-        "--admin-listen",
-        "127.0.0.1:0",
-        "--upstream",
-        &upstream,
-        "--access-log",
-        "false",
-        "--app-health-interval",
-        "100ms",
-    ];
-    args.extend_from_slice(extra);
-    let config = Config::try_from_iter(args).expect("test flags must be valid");
-    let server = Server::bind(config).expect("bind");
-    let addr = server.proxy_addr();
-    let admin = server.admin_addr();
-    let lifecycle = server.lifecycle();
-    let metrics = server.metrics();
-    let running = server.start().expect("start");
-    let task = tokio::spawn(async move { running.run().await.expect("run") });
-    Tidegate {
-        addr,
-        admin,
-        lifecycle,
-        metrics,
-        task,
+    TidegateBuilder::new(upstream).flags(extra).start().await
+}
+
+/// An in-process tidegate in front of an app, with the test defaults: ephemeral ports, no
+/// access log, app checks every 100 ms. Settings are flags, as a user would give them.
+pub struct TidegateBuilder {
+    upstream: String,
+    flags: Vec<String>,
+}
+
+impl TidegateBuilder {
+    /// In front of `upstream`: an address or a full URL (`unix:/path` too).
+    pub fn new(upstream: impl std::fmt::Display) -> TidegateBuilder {
+        let upstream = upstream.to_string();
+        let upstream =
+            if upstream.contains(':') && !upstream.contains("//") && !upstream.starts_with("unix:")
+            {
+                format!("http://{upstream}")
+            } else {
+                upstream
+            };
+        TidegateBuilder {
+            upstream,
+            flags: Vec::new(),
+        }
+    }
+
+    /// `--name value`.
+    pub fn flag(mut self, name: &str, value: impl std::fmt::Display) -> TidegateBuilder {
+        self.flags.push(name.to_owned());
+        self.flags.push(value.to_string());
+        self
+    }
+
+    /// More flags as given on a command line.
+    pub fn flags(mut self, flags: &[&str]) -> TidegateBuilder {
+        self.flags.extend(flags.iter().map(|f| (*f).to_owned()));
+        self
+    }
+
+    /// `--max-concurrency N` (or `auto`).
+    pub fn max_concurrency(self, n: impl std::fmt::Display) -> TidegateBuilder {
+        self.flag("--max-concurrency", n)
+    }
+
+    /// `--max-queue N`.
+    pub fn max_queue(self, n: usize) -> TidegateBuilder {
+        self.flag("--max-queue", n)
+    }
+
+    /// `--queue-timeout D`.
+    pub fn queue_timeout(self, duration: &str) -> TidegateBuilder {
+        self.flag("--queue-timeout", duration)
+    }
+
+    /// `--route PREFIX=K`.
+    pub fn route(self, spec: &str) -> TidegateBuilder {
+        self.flag("--route", spec)
+    }
+
+    /// `--config FILE`.
+    pub fn config_file(self, path: &std::path::Path) -> TidegateBuilder {
+        self.flag("--config", path.display())
+    }
+
+    /// Binds, starts the admin lane and serves on the test's runtime.
+    pub async fn start(self) -> Tidegate {
+        let mut args = vec![
+            "tidegate",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--upstream",
+            &self.upstream,
+            "--access-log",
+            "false",
+            "--app-health-interval",
+            "100ms",
+        ];
+        args.extend(self.flags.iter().map(String::as_str));
+        let config = Config::try_from_iter(args).expect("test flags must be valid");
+        let server = Server::bind(config).expect("bind");
+        let addr = server.proxy_addr();
+        let admin = server.admin_addr();
+        let lifecycle = server.lifecycle();
+        let metrics = server.metrics();
+        let running = server.start().expect("start");
+        let task = tokio::spawn(async move { running.run().await.expect("run") });
+        Tidegate {
+            addr,
+            admin,
+            lifecycle,
+            metrics,
+            task,
+        }
     }
 }
 
