@@ -339,3 +339,55 @@ async fn configmap_symlink_swap_triggers_a_reload() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// One change, one reload, whichever trigger: a change applied by SIGHUP is not applied again
+/// by the file watcher, nor a rejected one rejected again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sighup_ed_change_is_reloaded_once() {
+    let app = ok_upstream().await;
+    let dir = scratch("once");
+    let file = dir.join("tidegate.toml");
+    std::fs::write(&file, "max_concurrency = 4\n").unwrap();
+    let file_s = file.display().to_string();
+    let bin = Binary::start(&format!("http://{}", app.addr), &["--config", &file_s]);
+    wait_admin_ready(bin.admin).await;
+
+    write_atomically(&file, "max_concurrency = 5\n");
+    bin.signal(Signal::SIGHUP);
+    wait_gauge(bin.admin, "tidegate_config_generation", 2.0).await;
+    // The watcher looks at the file every second: let it look twice. Nothing may happen, so
+    // there is nothing to wait for but time.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        gauge(bin.admin, "tidegate_config_generation").await,
+        2.0,
+        "{}",
+        bin.log()
+    );
+    assert_eq!(
+        gauge(bin.admin, "tidegate_config_reloads_total{result=\"ok\"}").await,
+        1.0
+    );
+
+    write_atomically(&file, "max_concurrency = \"lots\"\n");
+    bin.signal(Signal::SIGHUP);
+    wait_gauge(
+        bin.admin,
+        "tidegate_config_reloads_total{result=\"error\"}",
+        1.0,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        gauge(bin.admin, "tidegate_config_reloads_total{result=\"error\"}").await,
+        1.0,
+        "{}",
+        bin.log()
+    );
+
+    // The watcher alone still picks up a change.
+    write_atomically(&file, "max_concurrency = 6\n");
+    wait_gauge(bin.admin, "tidegate_config_generation", 3.0).await;
+    assert_eq!(gauge(bin.admin, "tidegate_concurrency_limit").await, 6.0);
+    let _ = std::fs::remove_dir_all(&dir);
+}

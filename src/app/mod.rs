@@ -261,8 +261,8 @@ impl Running {
         let watcher = config
             .args
             .config
-            .clone()
-            .map(|path| tokio::spawn(reloader.watch(path, CONFIG_POLL)));
+            .is_some()
+            .then(|| tokio::spawn(reloader.watch(CONFIG_POLL)));
         let heartbeat = tokio::spawn(lanes::beat(
             health.heartbeat().clone(),
             Some(metrics.process.runtime_tasks.clone()),

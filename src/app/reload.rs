@@ -5,7 +5,6 @@
 //! is rejected with a logged error and the old configuration stays. Settings that cannot
 //! change live (listeners, upstream, threads, logging) keep their values, with a warning.
 
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -16,14 +15,19 @@ use crate::config::{LiveConfig, content_hash};
 use crate::error::ErrorChain;
 use crate::metrics::LabelValues;
 
+/// The watcher's trigger name.
+const WATCHER: &str = "file change";
+
 /// Applies new configurations.
 #[derive(Debug)]
 pub struct Reloader {
     live: LiveConfig,
     limiter: Limiter,
     metrics: Arc<Metrics>,
-    /// Serialises reloads (SIGHUP and the watcher may fire together).
-    lock: Mutex<()>,
+    /// Serialises reloads (SIGHUP and the watcher may fire together), and holds the hash of
+    /// the file contents last tried, applied or rejected, whichever the trigger: the watcher
+    /// reloads only contents that differ from it.
+    tried: Mutex<Option<u64>>,
 }
 
 // === impl Reloader ===
@@ -36,18 +40,21 @@ impl Reloader {
             .process
             .config_hash
             .set(hash_gauge(live.load().file_hash()));
+        let tried = Mutex::new(live.load().file_hash());
         Reloader {
             live,
             limiter,
             metrics,
-            lock: Mutex::new(()),
+            tried,
         }
     }
 
-    /// Reloads the file now. Returns whether a new configuration was applied.
+    /// Reloads the file now, unless its contents are the ones last tried (applied or
+    /// rejected) by any trigger: one change, one reload. Returns whether a new configuration
+    /// was applied.
     pub fn reload(&self, trigger: &'static str) -> bool {
-        let _serial = self
-            .lock
+        let mut tried = self
+            .tried
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         let current = self.live.load();
@@ -55,6 +62,14 @@ impl Reloader {
             tracing::warn!(trigger, "Reload asked for, but there is no --config file");
             return false;
         };
+        let read = file_hash(&path);
+        if read.is_some() && read == *tried {
+            if trigger != WATCHER {
+                tracing::info!(trigger, "Reload asked for; the config file is unchanged");
+            }
+            return false;
+        }
+        *tried = read;
         match current.reload() {
             Ok((next, kept)) => {
                 for setting in kept {
@@ -65,6 +80,8 @@ impl Reloader {
                 }
                 self.limiter.reconfigure(&LimitConfig::new(&next));
                 let hash = next.file_hash();
+                // What was applied, should the file have changed since it was hashed above.
+                *tried = hash;
                 self.live.store(next);
                 self.metrics
                     .process
@@ -97,32 +114,35 @@ impl Reloader {
         }
     }
 
-    /// Checks the file every `every` and reloads when its contents change. Kubernetes
+    /// Checks the file every `every` and reloads when its contents differ from the contents
+    /// last tried (by any trigger: a SIGHUP-ed change is not reloaded again). Kubernetes
     /// ConfigMap updates swap a symlink; reading through the path follows it, so they count.
-    pub async fn watch(self: Arc<Self>, path: PathBuf, every: Duration) {
-        let mut seen = self.live.load().file_hash();
+    pub async fn watch(self: Arc<Self>, every: Duration) {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            let read = {
-                let path = path.clone();
-                tokio::task::spawn_blocking(move || std::fs::read(path)).await
-            };
-            let Ok(Ok(contents)) = read else {
-                // Mid-swap or briefly missing: look again next time.
-                continue;
-            };
-            // Lossy, so that a file that is not UTF-8 still counts as a change (and is rejected).
-            let hash = content_hash(&String::from_utf8_lossy(&contents));
-            if Some(hash) == seen {
-                continue;
-            }
-            seen = Some(hash);
             let this = self.clone();
-            let _ = tokio::task::spawn_blocking(move || this.reload("file change")).await;
+            // A file briefly missing (mid-swap) is looked at again next time, not reloaded.
+            let exists = this
+                .live
+                .load()
+                .args
+                .config
+                .as_deref()
+                .is_some_and(|p| p.exists());
+            if exists {
+                let _ = tokio::task::spawn_blocking(move || this.reload(WATCHER)).await;
+            }
         }
     }
+}
+
+/// The hash of the file's contents, read as the watcher reads it: lossy, so that a file that is
+/// not UTF-8 still counts as a change (and is rejected). `None` when it cannot be read.
+fn file_hash(path: &std::path::Path) -> Option<u64> {
+    let contents = std::fs::read(path).ok()?;
+    Some(content_hash(&String::from_utf8_lossy(&contents)))
 }
 
 fn hash_gauge(hash: Option<u64>) -> f64 {

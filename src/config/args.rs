@@ -499,8 +499,24 @@ impl Args {
     }
 }
 
+/// Longest duration any setting takes: beyond it a value is a mistake, and time arithmetic
+/// with it could overflow.
+pub(crate) const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
+
+/// Every duration setting's parser (flags, variables and the file alike): humantime syntax,
+/// at most [`MAX_DURATION`].
 pub(crate) fn parse_duration(value: &str) -> Result<Duration, String> {
-    humantime::parse_duration(value).map_err(|e| format!("{e} (expected e.g. 500ms, 15s, 2m)"))
+    let duration = humantime::parse_duration(value)
+        .map_err(|e| format!("{e} (expected e.g. 500ms, 15s, 2m)"))?;
+    check_duration(duration)
+}
+
+/// `duration`, if it is at most [`MAX_DURATION`].
+pub(crate) fn check_duration(duration: Duration) -> Result<Duration, String> {
+    if duration > MAX_DURATION {
+        return Err("must be at most 24h".to_owned());
+    }
+    Ok(duration)
 }
 
 pub(crate) fn parse_upstream(value: &str) -> Result<Upstream, String> {

@@ -280,6 +280,15 @@ impl FileRoute {
         if self.max_concurrency == Some(0) {
             return Err(("max_concurrency", "must be at least 1".into()));
         }
+        for (key, value) in [
+            ("timeout", self.timeout),
+            ("retry_after", self.retry_after),
+            ("coalesce_cache", self.coalesce_cache),
+        ] {
+            if let Some(value) = value {
+                super::check_duration(value).map_err(|e| (key, e))?;
+            }
+        }
         if self.timeout.is_some_and(|t| t.is_zero()) {
             return Err(("timeout", "must be greater than zero".into()));
         }

@@ -20,6 +20,7 @@ use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches};
 
 use self::args::RESTART_ONLY;
+pub(crate) use self::args::check_duration;
 pub use self::args::{
     Algorithm, Args, ClientAbort, LogFormat, MAX_HEADER_BYTES_CEILING, MaxConcurrency, RuntimeMode,
     Upstream,
@@ -514,6 +515,50 @@ mod tests {
                 "log_format",
                 "log"
             ]
+        );
+    }
+
+    #[test]
+    fn every_duration_is_bounded_and_names_its_flag() {
+        // Absurd values used to be accepted, and later overflowed time arithmetic.
+        let command = Args::command();
+        let mut checked = 0;
+        for arg in command.get_arguments() {
+            if arg
+                .get_value_names()
+                .is_none_or(|n| n.first().map(|n| n.as_str()) != Some("DURATION"))
+            {
+                continue;
+            }
+            let flag = format!("--{}", arg.get_long().unwrap());
+            let err = parse(&[&flag, "500000000000y"]).unwrap_err();
+            assert!(
+                err.contains(&flag) && err.contains("at most 24h"),
+                "{flag}: {err}"
+            );
+            let key = arg.get_id().as_str();
+            let path = file(&format!("{key} = \"25h\"\n"));
+            let err = parse(&["--config", path.to_str().unwrap()]).unwrap_err();
+            assert!(
+                err.contains(&format!(":1: {key}:")) && err.contains("at most 24h"),
+                "{err}"
+            );
+            // 24h itself parses (a cross-setting rule may still refuse it).
+            let at_most = parse(&[&flag, "24h"]);
+            assert!(
+                at_most
+                    .as_ref()
+                    .map_or_else(|e| !e.contains("at most 24h"), |_| true),
+                "{flag}: {at_most:?}"
+            );
+            checked += 1;
+        }
+        assert!(checked >= 15, "{checked} duration flags");
+        let path = file("[[route]]\nprefix = \"/a\"\ntimeout = \"1000d\"\n");
+        let err = parse(&["--config", path.to_str().unwrap()]).unwrap_err();
+        assert!(
+            err.contains("route[0].timeout: must be at most 24h"),
+            "{err}"
         );
     }
 }
