@@ -30,7 +30,7 @@ async fn main() -> anyhow::Result<()> {
     let burst = std::env::args().any(|a| a == "--burst");
     let listen = std::env::var("DEMO_LISTEN").unwrap_or_else(|_| "127.0.0.1:8080".into());
     let admin = std::env::var("DEMO_ADMIN_LISTEN").unwrap_or_else(|_| "127.0.0.1:9901".into());
-    tidegate::init_logging(tidegate::config::LogFormat::Text, "warn")?;
+    let _log_writer = tidegate::init_logging(tidegate::config::LogFormat::Text, "warn")?;
 
     let app = start_app().await?;
     let upstream = format!("http://{app}");

@@ -19,10 +19,14 @@ fn main() -> ExitCode {
         Ok(config) => config,
         Err(code) => return code,
     };
-    if let Err(error) = tidegate::init_logging(config.args.log_format, &config.args.log) {
-        eprintln!("tidegate: {}", chain(&error));
-        return ExitCode::from(EXIT_CONFIG as u8);
-    }
+    // Kept until the end of main: dropping it writes out the queued lines.
+    let _log_writer = match tidegate::init_logging(config.args.log_format, &config.args.log) {
+        Ok(writer) => writer,
+        Err(error) => {
+            eprintln!("tidegate: {}", chain(&error));
+            return ExitCode::from(EXIT_CONFIG as u8);
+        }
+    };
     let nofile = tidegate::raise_fd_limit();
     tracing::debug!(?nofile, "File descriptor limit");
     // One thread, or a runtime per thread (the server starts the others): a current-thread

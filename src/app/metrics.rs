@@ -7,6 +7,7 @@ use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
 
 use crate::admin::metrics::AdminMetrics;
 use crate::admission::metrics::AdmissionMetrics;
+use crate::app::logging::DroppedLines;
 use crate::drain::DrainMetrics;
 use crate::inbound::metrics::ConnectionMetrics;
 use crate::metrics::{LabelValues, MetricsError, RequestMetrics, reg};
@@ -74,7 +75,10 @@ impl Metrics {
             admin: Arc::new(AdminMetrics::register(r)?),
             drain: Arc::new(DrainMetrics::register(r)?),
             process: Arc::new(ProcessMetrics::register(r)?),
-            registry,
+            registry: {
+                registry.register(Box::new(DroppedLines::new()?))?;
+                registry
+            },
         })
     }
 
