@@ -421,3 +421,42 @@ async fn admin_token_protects_prestop_and_drain() {
         .unwrap();
     assert_eq!(code, 0);
 }
+
+/// A connection that has sent nothing when the drain starts holds no request: it is closed at
+/// once, and the drain completes (exit 0) long before `--header-read-timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_that_sent_nothing_close_when_the_drain_starts() {
+    let upstream = ok_upstream().await;
+    let mut bin = Binary::start(
+        &format!("http://{}", upstream.addr),
+        &[
+            "--shutdown-delay",
+            "0s",
+            "--drain-timeout",
+            "2s",
+            "--header-read-timeout",
+            "60s",
+        ],
+    );
+    wait_admin_ready(bin.admin).await;
+    let mut silent = TcpStream::connect(bin.addr).await.unwrap();
+    // It is being served (accepted and waiting for bytes) before the drain starts.
+    eventually_async(
+        "the silent connection is open",
+        Duration::from_secs(5),
+        || {
+            let admin = bin.admin;
+            async move { metric(admin, "tidegate_connections_open").await == Some(1.0) }
+        },
+    )
+    .await;
+    let signalled = Instant::now();
+    bin.signal(Signal::SIGTERM);
+    let closed = closed_within(&mut silent, Duration::from_secs(5)).await;
+    assert!(closed < Duration::from_secs(1), "closed after {closed:?}");
+    let code = tokio::task::spawn_blocking(move || bin.wait_exit(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    assert_eq!(code, 0, "the drain completed");
+    assert!(signalled.elapsed() < Duration::from_secs(2));
+}

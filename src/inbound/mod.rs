@@ -182,7 +182,18 @@ async fn serve_connection(
     cx.metrics.connections_total.inc();
 
     let detected = tokio::time::timeout(settings.header_read_timeout, detect::detect(stream));
-    let (protocol, io) = match detected.await {
+    let drain = cx.lifecycle.reached(Phase::Drain);
+    let detected = tokio::select! {
+        biased;
+        detected = detected => detected,
+        // Nothing sent yet, so nothing in flight: close at the drain's start rather than
+        // hold the drain until the header read timeout.
+        () = drain => {
+            tracing::debug!(client.addr = %client_addr, "Closed at the drain: no request bytes yet");
+            return;
+        }
+    };
+    let (protocol, io) = match detected {
         Ok(Ok(Some(found))) => found,
         Ok(Ok(None)) => return,
         Ok(Err(error)) => {
