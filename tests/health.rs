@@ -547,3 +547,34 @@ async fn livez_fails_when_the_proxy_runtime_is_stuck() {
     })
     .await;
 }
+
+/// Anyone who reaches the admin port can open connections and send nothing (or a head, slowly):
+/// when the lane is full, the oldest idle one makes room, so kubelet's probes still get through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_admin_connections_cannot_lock_probes_out() {
+    let app = ok_upstream().await;
+    let tg = tidegate(app.addr, &[]).await;
+    tg.wait_ready().await;
+    let mut idle = Vec::new();
+    for i in 0..300 {
+        let mut stream = tokio::net::TcpStream::connect(tg.admin).await.unwrap();
+        if i % 2 == 0 {
+            // Half of them start a request head and never finish it.
+            tokio::io::AsyncWriteExt::write_all(&mut stream, b"GET /livez HTTP/1.1\r\n")
+                .await
+                .unwrap();
+        }
+        idle.push(stream);
+    }
+    for path in ["/livez", "/readyz", "/app/livez"] {
+        let started = Instant::now();
+        let answer = tokio::time::timeout(Duration::from_secs(2), get(&tg.admin_url(path)))
+            .await
+            .expect("the probe was answered");
+        assert_eq!(answer.unwrap().0, StatusCode::OK, "{path}");
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
+    // The oldest of the flood were closed to make room.
+    let closed = closed_within(&mut idle[0], Duration::from_secs(2)).await;
+    assert!(closed < Duration::from_secs(2));
+}

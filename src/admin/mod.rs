@@ -13,6 +13,7 @@
 //! The app's active health checks run on this runtime too, off the proxy's.
 
 mod app_check;
+mod connections;
 pub(crate) mod health;
 pub(crate) mod metrics;
 
@@ -108,13 +109,14 @@ pub(crate) fn spawn(
     })
 }
 
-/// Admin connections open at once at most; more are closed at accept.
-const MAX_ADMIN_CONNECTIONS: usize = 256;
 /// Largest request head the admin lane reads (its requests are short).
 const ADMIN_MAX_HEADER_BYTES: usize = 8 * 1024;
+/// How long a connection closed to make room gets to finish the answer it may be writing.
+const EVICTED_FLUSH: Duration = Duration::from_secs(1);
 
 async fn serve(listener: tokio::net::TcpListener, admin: AdminState, stop: Arc<Notify>) {
     let connections = TaskTracker::new();
+    let table = Arc::new(connections::Table::default());
     let (closing_tx, closing) = watch::channel(false);
     let stopped = stop.notified();
     tokio::pin!(stopped);
@@ -131,19 +133,26 @@ async fn serve(listener: tokio::net::TcpListener, admin: AdminState, stop: Arc<N
                 continue;
             }
         };
-        if connections.len() >= MAX_ADMIN_CONNECTIONS {
-            // Probes keep their lane: a flood of admin connections is closed, not queued.
+        // Probes keep their lane: when the table is full, the oldest idle connection makes
+        // room; only when every connection is answering a request is a new one closed.
+        let Some(place) = table.admit() else {
             tracing::debug!(client.addr = %peer, "Admin connection limit reached; closing");
             continue;
-        }
+        };
         let _ = stream.set_nodelay(true);
         let admin = admin.clone();
         let peer = peer.ip().to_canonical();
         let mut closing = closing.clone();
         connections.spawn(async move {
+            let in_flight = place.in_flight.clone();
             let service = hyper::service::service_fn(move |req| {
                 let admin = admin.clone();
-                async move { Ok::<_, Infallible>(handle(req, &admin, peer).await) }
+                let done = connections::InFlight::enter(&in_flight);
+                async move {
+                    let response = handle(req, &admin, peer).await;
+                    drop(done);
+                    Ok::<_, Infallible>(response)
+                }
             });
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -151,12 +160,18 @@ async fn serve(listener: tokio::net::TcpListener, admin: AdminState, stop: Arc<N
                 .max_header_size(ADMIN_MAX_HEADER_BYTES)
                 .serve_connection(TokioIo::new(stream), service);
             tokio::pin!(conn);
-            tokio::select! {
+            let evicted = tokio::select! {
                 _ = conn.as_mut() => return,
-                _ = closing.wait_for(|c| *c) => {}
-            }
+                _ = closing.wait_for(|c| *c) => false,
+                () = place.evict.notified() => true,
+            };
             conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
+            if evicted {
+                tracing::debug!(client.addr = %peer, "Closed an idle admin connection to make room");
+                let _ = tokio::time::timeout(EVICTED_FLUSH, conn).await;
+            } else {
+                let _ = conn.await;
+            }
         });
     }
     // Answers in progress (a /prestop waiting for the drain) are finished and flushed.
