@@ -115,6 +115,12 @@ pub(crate) struct Admitted<R> {
     pub admission: Admission,
 }
 
+/// One snapshot of the limiter's settings, for the lookups of one request.
+pub(crate) struct InForce<'a> {
+    limiter: &'a Limiter,
+    settings: arc_swap::Guard<Arc<LimitConfig>>,
+}
+
 /// Process-wide admission state, cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Limiter {
@@ -307,6 +313,10 @@ impl Limiter {
     /// The route a `method` request for `path` belongs to, with its body limit (the route's
     /// own, else `--max-request-body`).
     pub fn route(&self, method: &Method, path: &str) -> RouteRef {
+        self.route_with(&self.shared.settings.load(), method, path)
+    }
+
+    fn route_with(&self, settings: &LimitConfig, method: &Method, path: &str) -> RouteRef {
         let routes = self.shared.routes.load();
         let route = routes
             .table
@@ -315,7 +325,7 @@ impl Limiter {
         let max_request_body = route
             .as_ref()
             .and_then(|r| r.spec.max_request_body)
-            .or_else(|| self.shared.settings.load().max_request_body);
+            .or(settings.max_request_body);
         RouteRef {
             route,
             max_request_body,
@@ -329,8 +339,25 @@ impl Limiter {
         route: &RouteRef,
         client: Option<std::net::IpAddr>,
     ) -> RequestClass {
+        self.classify_with(&self.shared.settings.load(), headers, route, client)
+    }
+
+    /// The settings in force, for the route stage's lookups with one snapshot.
+    pub(crate) fn in_force(&self) -> InForce<'_> {
+        InForce {
+            limiter: self,
+            settings: self.shared.settings.load(),
+        }
+    }
+
+    fn classify_with(
+        &self,
+        settings: &LimitConfig,
+        headers: &http::HeaderMap,
+        route: &RouteRef,
+        client: Option<std::net::IpAddr>,
+    ) -> RequestClass {
         let route_priority = route.route.as_ref().and_then(|r| r.spec.priority);
-        let settings = self.shared.settings.load();
         let class =
             self.shared
                 .classifier
@@ -404,6 +431,26 @@ fn global_size(config: &LimitConfig) -> usize {
     config.max_concurrency.map_or(UNLIMITED, |n| n as usize)
 }
 
+// === impl InForce ===
+
+impl InForce<'_> {
+    /// [`Limiter::route`] with this snapshot.
+    pub(crate) fn route(&self, method: &Method, path: &str) -> RouteRef {
+        self.limiter.route_with(&self.settings, method, path)
+    }
+
+    /// [`Limiter::classify`] with this snapshot.
+    pub(crate) fn classify(
+        &self,
+        headers: &http::HeaderMap,
+        route: &RouteRef,
+        client: Option<std::net::IpAddr>,
+    ) -> RequestClass {
+        self.limiter
+            .classify_with(&self.settings, headers, route, client)
+    }
+}
+
 // === impl Shared ===
 
 impl Shared {
@@ -443,13 +490,25 @@ impl Shared {
         client: Option<std::net::IpAddr>,
         reason: ShedReason,
     ) -> Overloaded {
+        self.refuse_with(&self.settings.load(), route, client, reason)
+    }
+
+    /// [`Shared::refuse`] with the settings in force given.
+    fn refuse_with(
+        &self,
+        settings: &LimitConfig,
+        route: Option<&RouteState>,
+        client: Option<std::net::IpAddr>,
+        reason: ShedReason,
+    ) -> Overloaded {
         self.counters(route).shed[reason as usize].inc();
-        let retry_memory = self.settings.load().classify.retry_memory;
-        self.classifier.note_refused(retry_memory, client);
+        self.classifier
+            .note_refused(settings.classify.retry_memory, client);
         let route_retry_after = route.and_then(|r| r.spec.retry_after);
         let retry_after = match reason {
             ShedReason::Draining => route_retry_after,
-            _ => route_retry_after.or_else(|| self.retry_after_estimate()),
+            _ => route_retry_after
+                .or_else(|| self.estimate_with(settings, || self.global.service_rate())),
         };
         Overloaded {
             reason,
@@ -465,7 +524,16 @@ impl Shared {
 
     /// [`Shared::retry_after_estimate`] with the service rate given (read only if needed).
     fn retry_after_at(&self, rate: impl FnOnce() -> f64) -> Option<Duration> {
-        let (low, high) = self.settings.load().retry_after_estimate?;
+        self.estimate_with(&self.settings.load(), rate)
+    }
+
+    /// [`Shared::retry_after_at`] with the settings in force given.
+    fn estimate_with(
+        &self,
+        settings: &LimitConfig,
+        rate: impl FnOnce() -> f64,
+    ) -> Option<Duration> {
+        let (low, high) = settings.retry_after_estimate?;
         let (low, high) = (low.as_millis() as u64, high.as_millis() as u64);
         let rate = rate();
         let ahead = self.queued.load(Ordering::Relaxed) as f64 + 1.0;

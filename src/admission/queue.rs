@@ -74,6 +74,9 @@ impl Limiter {
                 max_request_body,
             )));
         }
+        // Not admitted at once: one snapshot of the settings for the rest.
+        let settings = shared.settings.load();
+        let refuse = |reason| shared.refuse_with(&settings, route.as_deref(), class.client, reason);
         let route_wait = match &route {
             Some(r) if !route_ok => match RouteWait::reserve(r) {
                 Some(waiting) => Some(waiting),
@@ -81,7 +84,7 @@ impl Limiter {
             },
             _ => None,
         };
-        let place = match shared.enqueue(route.as_ref()) {
+        let place = match shared.enqueue(settings.max_queue, route.as_ref()) {
             Some(place) => place,
             // A full queue makes room for a better class by pushing out a worse waiter.
             None if shared.global.evict_below(class.priority) => {
@@ -112,8 +115,12 @@ impl Limiter {
 // === impl Shared ===
 
 impl Shared {
-    fn enqueue(self: &Arc<Self>, route: Option<&Arc<RouteState>>) -> Option<QueuePlace> {
-        reserve(&self.queued, self.settings.load().max_queue)?;
+    fn enqueue(
+        self: &Arc<Self>,
+        max_queue: usize,
+        route: Option<&Arc<RouteState>>,
+    ) -> Option<QueuePlace> {
+        reserve(&self.queued, max_queue)?;
         Some(self.place(route))
     }
 

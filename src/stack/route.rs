@@ -98,16 +98,17 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
-        let route = self.limiter.route(request.method(), request.uri().path());
+        // One snapshot of the settings for the request's lookups.
+        let in_force = self.limiter.in_force();
+        let route = in_force.route(request.method(), request.uri().path());
         if let Some(limit) = route.max_request_body()
             && declared_length(&request).is_some_and(|len| len > limit)
         {
             let error = self.limiter.reject(Rejected::BodyTooLarge { limit });
             return Either::Right(futures_util::future::ready(Err(error.into())));
         }
-        let class = self
-            .limiter
-            .classify(request.headers(), &route, self.client);
+        let class = in_force.classify(request.headers(), &route, self.client);
+        drop(in_force);
         let into: fn(S::Error) -> BoxError = Into::into;
         Either::Left(
             self.inner
