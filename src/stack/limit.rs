@@ -28,8 +28,11 @@ pub(crate) struct Limit<S> {
     limiter: Limiter,
 }
 
-/// A queued request's wait for its slot.
-type Wait = Pin<Box<dyn Future<Output = Result<Admission, Overloaded>> + Send>>;
+/// A queued request's wait for its slot, holding the request and the inner service (ready) to
+/// call once admitted. Boxed whole, so that the future of a request admitted at once stays
+/// small: every layer outside moves it.
+type Wait<S, B> =
+    Pin<Box<dyn Future<Output = Result<(Admission, Request<B>, S), Overloaded>> + Send>>;
 
 pin_project_lite::pin_project! {
     /// Future returned by [`Limit`].
@@ -48,8 +51,8 @@ pin_project_lite::pin_project! {
     where
         S: Service<Admitted<Request<B>>>,
     {
-        // In the queue, with the request and the inner service (ready) to call once admitted.
-        Queued { wait: Wait, request: Option<Request<B>>, inner: S },
+        // In the queue.
+        Queued { wait: Wait<S, B> },
         // Admitted: the inner service's exchange.
         Admitted { #[pin] future: S::Future },
         // Refused before admission.
@@ -81,8 +84,9 @@ impl<S> Layer<S> for LimitLayer {
 
 impl<S, B> Service<Routed<Request<B>>> for Limit<S>
 where
-    S: Service<Admitted<Request<B>>> + Clone,
+    S: Service<Admitted<Request<B>>> + Clone + Send + 'static,
     S::Error: Into<BoxError>,
+    B: Send + 'static,
 {
     type Response = S::Response;
     type Error = BoxError;
@@ -107,10 +111,12 @@ where
                 // The ready service goes with the request; this layer keeps a fresh clone,
                 // which is made ready on the next `poll_ready`.
                 let fresh = self.inner.clone();
+                let inner = std::mem::replace(&mut self.inner, fresh);
                 ResponseFuture::new(State::Queued {
-                    wait: Box::pin(queued.wait()),
-                    request: Some(request),
-                    inner: std::mem::replace(&mut self.inner, fresh),
+                    wait: Box::pin(async move {
+                        let admission = queued.wait().await?;
+                        Ok((admission, request, inner))
+                    }),
                 })
             }
             Err(overloaded) => ResponseFuture::new(State::Refused {
@@ -142,16 +148,8 @@ where
         let mut state = self.project().state;
         loop {
             match state.as_mut().project() {
-                StateProj::Queued {
-                    wait,
-                    request,
-                    inner,
-                } => {
-                    let admission = ready!(wait.as_mut().poll(cx))?;
-                    // Taken only here, just before the state moves on.
-                    let Some(request) = request.take() else {
-                        return Poll::Pending;
-                    };
+                StateProj::Queued { wait } => {
+                    let (admission, request, mut inner) = ready!(wait.as_mut().poll(cx))?;
                     let future = inner.call(Admitted { request, admission });
                     state.set(State::Admitted { future });
                 }

@@ -7,11 +7,11 @@
 //! length is over the limit is refused here with a 413, before it can take a slot or a queue
 //! place; a body without a declared length is checked as it streams (`outbound`).
 
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use futures_util::TryFutureExt;
-use futures_util::future::{Either, MapErr, Ready};
 use http::Request;
 use tower::{Layer, Service};
 
@@ -45,9 +45,17 @@ pub(crate) struct Route<S> {
     client: Option<IpAddr>,
 }
 
-/// Future returned by [`Route`]: the inner service's, or a refusal.
-pub(crate) type ResponseFuture<F, T, E> =
-    Either<MapErr<F, fn(E) -> BoxError>, Ready<Result<T, BoxError>>>;
+pin_project_lite::pin_project! {
+    /// Future returned by [`Route`]: the inner service's, or a refusal. Small beside the
+    /// inner future, as every layer outside moves it.
+    #[project = ResponseFutureProj]
+    pub(crate) enum ResponseFuture<F> {
+        /// The inner service's.
+        Inner { #[pin] future: F },
+        /// Refused here (`None` once returned).
+        Refused { error: Option<BoxError> },
+    }
+}
 
 // === impl RouteLayer ===
 
@@ -91,7 +99,7 @@ where
 {
     type Response = S::Response;
     type Error = BoxError;
-    type Future = ResponseFuture<S::Future, S::Response, S::Error>;
+    type Future = ResponseFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         self.inner.poll_ready(cx).map_err(Into::into)
@@ -105,20 +113,40 @@ where
             && declared_length(&request).is_some_and(|len| len > limit)
         {
             let error = self.limiter.reject(Rejected::BodyTooLarge { limit });
-            return Either::Right(futures_util::future::ready(Err(error.into())));
+            return ResponseFuture::Refused {
+                error: Some(error.into()),
+            };
         }
         let class = in_force.classify(request.headers(), &route, self.client);
         drop(in_force);
-        let into: fn(S::Error) -> BoxError = Into::into;
-        Either::Left(
-            self.inner
-                .call(Routed {
-                    request,
-                    route,
-                    class,
-                })
-                .map_err(into),
-        )
+        ResponseFuture::Inner {
+            future: self.inner.call(Routed {
+                request,
+                route,
+                class,
+            }),
+        }
+    }
+}
+
+// === impl ResponseFuture ===
+
+impl<F, T, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<T, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<T, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            ResponseFutureProj::Inner { future } => future.poll(cx).map_err(Into::into),
+            // `None` only if polled after completion, a contract violation: never resolve.
+            ResponseFutureProj::Refused { error } => match error.take() {
+                Some(error) => Poll::Ready(Err(error)),
+                None => Poll::Pending,
+            },
+        }
     }
 }
 
