@@ -16,7 +16,9 @@ pub(crate) mod adaptive;
 mod classify;
 mod gate;
 pub(crate) mod metrics;
+mod permit;
 mod queue;
+mod routes;
 mod slots;
 mod state;
 
@@ -27,7 +29,6 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::Method;
-use prometheus::{IntCounter, IntGauge};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
@@ -36,7 +37,11 @@ use self::classify::Classifier;
 pub(crate) use self::classify::{ClassifyConfig, RequestClass};
 use self::gate::Gate;
 use self::metrics::AdmissionMetrics;
+use self::permit::Sample;
+pub(crate) use self::permit::{Admission, Admitted};
 pub(crate) use self::queue::Entry;
+pub(crate) use self::routes::RouteRef;
+use self::routes::{RouteCounters, RouteSlots, RouteState, Routes};
 pub(crate) use self::slots::Discipline;
 use self::slots::{Slots, UNLIMITED};
 pub(crate) use crate::config::route::{RouteSpec, RouteTable};
@@ -105,16 +110,6 @@ impl LimitConfig {
     }
 }
 
-/// A request that holds an [`Admission`]; the inner service must keep the admission alive
-/// until its exchange with the app is over.
-#[derive(Debug)]
-pub(crate) struct Admitted<R> {
-    /// The request.
-    pub request: R,
-    /// The slot(s) it holds.
-    pub admission: Admission,
-}
-
 /// One snapshot of the limiter's settings, for the lookups of one request.
 pub(crate) struct InForce<'a> {
     limiter: &'a Limiter,
@@ -125,27 +120,6 @@ pub(crate) struct InForce<'a> {
 #[derive(Clone, Debug)]
 pub struct Limiter {
     shared: Arc<Shared>,
-}
-
-/// Proof that a request was admitted; dropping it frees the slot(s) and updates the gauges.
-#[derive(Debug)]
-pub struct Admission {
-    shared: Arc<Shared>,
-    route: Option<Arc<RouteState>>,
-    /// When the global slot was taken.
-    since: Instant,
-    /// What the release reports to the adaptive limit.
-    sample: Sample,
-    route_permit: Option<OwnedSemaphorePermit>,
-    max_request_body: Option<u64>,
-}
-
-/// The route a request belongs to and the body limit that applies to it, looked up once per
-/// request.
-#[derive(Debug, Clone)]
-pub struct RouteRef {
-    route: Option<Arc<RouteState>>,
-    max_request_body: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -165,50 +139,6 @@ struct Shared {
     draining: AtomicBool,
     metrics: Arc<AdmissionMetrics>,
     requests: Arc<RequestMetrics>,
-}
-
-/// The route set in force; replaced whole on reload.
-#[derive(Debug)]
-struct Routes {
-    specs: Vec<RouteSpec>,
-    table: RouteTable,
-    states: Vec<Arc<RouteState>>,
-}
-
-/// A route as configured now.
-#[derive(Debug)]
-struct RouteState {
-    spec: RouteSpec,
-    slots: Arc<RouteSlots>,
-}
-
-/// What a route keeps across reloads: its semaphore, its waiters and its series.
-#[derive(Debug)]
-struct RouteSlots {
-    gate: Gate,
-    /// Requests waiting for this route's permit, bounded by `max_waiting`.
-    waiting: AtomicUsize,
-    max_waiting: AtomicUsize,
-    counters: RouteCounters,
-}
-
-/// Pre-resolved per-route series, so that refusing touches no label map.
-#[derive(Debug)]
-struct RouteCounters {
-    in_flight: IntGauge,
-    queued: IntGauge,
-    shed: [IntCounter; ShedReason::ALL.len()],
-}
-
-/// The latency sample an admission gives the adaptive limit when it is released.
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Sample {
-    /// The time the slot was held (the exchange ended before a response head).
-    Held,
-    /// The time to the app's response head.
-    Fixed(Duration),
-    /// None: the exchange says nothing about the app's latency.
-    Skip,
 }
 
 // === impl Limiter ===
@@ -567,96 +497,6 @@ impl Shared {
                 baseline_latency_ms = update.baseline.as_secs_f64() * 1e3,
                 "Adaptive concurrency limit moved"
             );
-        }
-    }
-}
-
-// === impl RouteCounters ===
-
-impl RouteCounters {
-    fn new(metrics: &AdmissionMetrics, route: &str) -> RouteCounters {
-        RouteCounters {
-            in_flight: metrics.route_in_flight.with_label_values(&[route]),
-            queued: metrics.route_queued.with_label_values(&[route]),
-            shed: ShedReason::ALL.map(|r| metrics.shed.with_label_values(&[r.as_str(), route])),
-        }
-    }
-}
-
-// === impl RouteRef ===
-
-impl RouteRef {
-    /// The largest request body allowed, in bytes; `None` is unlimited.
-    pub fn max_request_body(&self) -> Option<u64> {
-        self.max_request_body
-    }
-
-    /// Whether the route shares identical GETs (`coalesce = true`, or a `coalesce_cache`).
-    pub fn coalesces(&self) -> bool {
-        self.route.as_ref().is_some_and(|r| r.spec.coalesces())
-    }
-
-    /// How long the route keeps shareable responses (`coalesce_cache`), if it does.
-    pub fn coalesce_cache(&self) -> Option<Duration> {
-        self.route.as_ref().and_then(|r| r.spec.coalesce_cache)
-    }
-
-    /// The route's metrics label.
-    pub fn name(&self) -> &str {
-        self.route.as_ref().map_or(DEFAULT_ROUTE, |r| &r.spec.name)
-    }
-}
-
-// === impl Admission ===
-
-impl Admission {
-    /// The largest request body allowed, in bytes; `None` is unlimited.
-    pub fn max_request_body(&self) -> Option<u64> {
-        self.max_request_body
-    }
-
-    /// The upstream timeout of the request's route, if it sets one.
-    pub fn route_timeout(&self) -> Option<Duration> {
-        self.route.as_ref().and_then(|r| r.spec.timeout)
-    }
-
-    /// Fixes the adaptive limit's latency sample at the time so far, although the slot stays
-    /// held: called when the app's response head arrives, so that a client reading the body
-    /// slowly (or a WebSocket tunnel's lifetime) does not count as the app's latency.
-    pub fn sample_now(&mut self) {
-        if self.sample == Sample::Held {
-            self.sample = Sample::Fixed(self.since.elapsed());
-        }
-    }
-
-    /// Gives the adaptive limit no sample for this exchange (it failed before the app could
-    /// answer, e.g. the connection was refused: its speed says nothing about the app's).
-    pub fn skip_sample(&mut self) {
-        self.sample = Sample::Skip;
-    }
-}
-
-impl Drop for Admission {
-    fn drop(&mut self) {
-        let shared = &self.shared;
-        shared.metrics.in_flight.dec();
-        let now = Instant::now();
-        let latency = match self.sample {
-            Sample::Held => Some(now.saturating_duration_since(self.since)),
-            Sample::Fixed(latency) => Some(latency),
-            Sample::Skip => None,
-        };
-        if let Some(update) = shared.global.release(now, latency) {
-            shared.on_update(update);
-        }
-        match &self.route {
-            Some(route) => {
-                route.slots.counters.in_flight.dec();
-                if let Some(permit) = self.route_permit.take() {
-                    route.slots.gate.release(permit);
-                }
-            }
-            None => shared.default_route.in_flight.dec(),
         }
     }
 }
