@@ -509,3 +509,43 @@ async fn a_client_still_sending_gets_its_413_not_a_reset() {
     assert_eq!(statuses(&text), [413], "{text}");
     assert_eq!(app.hits.load(Ordering::SeqCst), 0);
 }
+
+/// `--max-connections` is the process's limit, whatever the threads: with a runtime per
+/// thread, each accepting on the shared listener, the threads share one count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connection_limit_is_process_wide_with_a_runtime_per_thread() {
+    let app = ok_upstream().await;
+    for threads in ["2", "3"] {
+        let bin = Binary::start(
+            &format!("http://{}", app.addr),
+            &[
+                "--runtime",
+                "per-thread",
+                "--threads",
+                threads,
+                "--max-connections",
+                "2",
+            ],
+        );
+        wait_admin_ready(bin.admin).await;
+        let request = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
+        let mut held = Vec::new();
+        let mut statuses_seen = Vec::new();
+        // One at a time, each kept open after its answer: whichever thread accepts it, the
+        // third and later must be refused.
+        for _ in 0..12 {
+            let mut stream = TcpStream::connect(bin.addr).await.unwrap();
+            stream.write_all(request).await.unwrap();
+            let mut buf = [0u8; 512];
+            let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+                .await
+                .expect("an answer")
+                .unwrap();
+            statuses_seen.extend(statuses(&String::from_utf8_lossy(&buf[..n])));
+            held.push(stream);
+        }
+        let served = statuses_seen.iter().filter(|s| **s == 200).count();
+        assert_eq!(served, 2, "--threads {threads}: {statuses_seen:?}");
+        assert_eq!(statuses_seen.len(), 12, "{statuses_seen:?}");
+    }
+}

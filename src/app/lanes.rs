@@ -14,8 +14,8 @@ use crate::admin::health::{HealthState, Stamp};
 use crate::app::Metrics;
 use crate::config::{LiveConfig, RuntimeMode};
 use crate::drain::Lifecycle;
-use crate::inbound;
 use crate::inbound::metrics::ConnectionMetrics;
+use crate::inbound::{self, ConnectionBudget};
 use crate::outbound::Proxy;
 use crate::stack::ProxyStack;
 
@@ -63,6 +63,8 @@ pub(super) fn spawn(
     }
     let listener = tokio::net::TcpListener::from_std(listener).map_err(bind_error)?;
     let connections = TaskTracker::new();
+    // One budget for every lane: the limits are the process's, whatever the threads.
+    let budget = ConnectionBudget::default();
     let mut workers = Vec::with_capacity(extra_workers);
     for (i, worker_listener) in worker_listeners.into_iter().enumerate() {
         let mut worker_stack = stack.clone();
@@ -80,6 +82,7 @@ pub(super) fn spawn(
             live: shared.live.clone(),
             lifecycle: shared.lifecycle.clone(),
             metrics: shared.metrics.connections.clone(),
+            budget: budget.clone(),
             connections: connections.clone(),
             tunnels: shared.tunnels.clone(),
         };
@@ -94,6 +97,7 @@ pub(super) fn spawn(
         shared.live,
         shared.lifecycle,
         shared.metrics.connections.clone(),
+        budget,
         connections.clone(),
     ));
     Ok(Lanes {
@@ -123,6 +127,7 @@ struct Lane {
     live: LiveConfig,
     lifecycle: Lifecycle,
     metrics: Arc<ConnectionMetrics>,
+    budget: ConnectionBudget,
     connections: TaskTracker,
     tunnels: TaskTracker,
 }
@@ -153,6 +158,7 @@ impl Lane {
                                 self.live,
                                 self.lifecycle,
                                 self.metrics,
+                                self.budget,
                                 self.connections.clone(),
                             )
                             .await

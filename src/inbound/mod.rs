@@ -56,6 +56,15 @@ pub(crate) const H2_MAX_PENDING_ACCEPT_RESETS: usize = 20;
 /// connection, before it closes the connection.
 pub(crate) const H2_MAX_LOCAL_ERROR_RESETS: usize = 1024;
 
+/// What limits the proxy lane's connections, shared by every lane (with `--runtime
+/// per-thread`, by every thread): the open connections counted against `--max-connections`
+/// and the descriptor budget, and the refusals in progress. Create one per process.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct ConnectionBudget {
+    open: Arc<AtomicUsize>,
+    refusals: refuse::Refusals,
+}
+
 /// Everything a connection task needs, shared.
 #[derive(Clone, Debug)]
 struct Context {
@@ -97,6 +106,7 @@ pub(crate) async fn serve(
     live: LiveConfig,
     lifecycle: Lifecycle,
     metrics: Arc<ConnectionMetrics>,
+    budget: ConnectionBudget,
     connections: TaskTracker,
 ) {
     let cx = Context {
@@ -104,9 +114,9 @@ pub(crate) async fn serve(
         live,
         lifecycle: lifecycle.clone(),
         metrics,
-        open: Arc::new(AtomicUsize::new(0)),
+        open: budget.open,
     };
-    let refusals = refuse::Refusals::default();
+    let refusals = budget.refusals;
     let mut limit = ConnectionLimit {
         nofile: fds::soft_limit(),
         warned: false,

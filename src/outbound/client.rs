@@ -1,6 +1,6 @@
 //! The client side of the proxy: connections to the app, and sending one request over one.
 //!
-//! HTTP/1.1 connections are pooled ([`pool`]): a request takes the most recently used idle
+//! HTTP/1.1 connections are pooled ([`super::pool`]): a request takes the most recently used idle
 //! connection or opens a new one, and its response body gives the connection back when it has
 //! been read to the end. With `--upstream-http2`, all requests share one connection, reopened
 //! when it closes. Each connection is driven by a task of its own.

@@ -1,5 +1,5 @@
 //! The innermost service: rewrites an admitted request for the app, sends it over the
-//! [`upstream`](crate::upstream) client, and streams the answer back. Upgrades (WebSocket)
+//! [`client`](self::client), and streams the answer back. Upgrades (WebSocket)
 //! become tunnels.
 
 pub(crate) mod client;
