@@ -119,9 +119,12 @@ async fn run(config: Config) -> i32 {
             return EXIT_FAILURE;
         }
     };
+    // Signals are listened to until the process exits, the child's stop included: a third
+    // signal (or SIGQUIT) exits at once whatever tidegate is waiting for.
+    tokio::pin!(immediate_exit);
     let outcome = tokio::select! {
         outcome = running.run() => outcome,
-        code = immediate_exit => return code,
+        code = &mut immediate_exit => return code,
     };
     let outcome = match outcome {
         Ok(outcome) => outcome,
@@ -132,7 +135,10 @@ async fn run(config: Config) -> i32 {
     };
     if let Some(child) = child {
         // The app gets SIGTERM only now, after tidegate stopped sending it work.
-        return child.stop(config.args.child_stop_timeout).await;
+        return tokio::select! {
+            code = child.stop(config.args.child_stop_timeout) => code,
+            code = &mut immediate_exit => code,
+        };
     }
     match outcome {
         DrainOutcome::Complete => 0,

@@ -194,3 +194,82 @@ fn missing_command_exits_127() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("/nonexistent/app"), "{stderr}");
 }
+
+/// An app that ignores SIGTERM is killed after `--child-stop-timeout`, and tidegate exits
+/// with its status (128 + 9).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_child_that_ignores_sigterm_is_killed_after_the_stop_timeout() {
+    let port = free_port();
+    let dir = scratch("stuck");
+    let marker = dir.join("marker");
+    let (port_s, marker_s, fixture) = (port.to_string(), marker.display().to_string(), fixture());
+    let mut bin = Binary::start_with(
+        &format!("http://127.0.0.1:{port}"),
+        &["--shutdown-delay", "0s", "--child-stop-timeout", "1s"],
+        &["python3", &fixture, &port_s, &marker_s, "ignore"],
+        |_| {},
+    );
+    wait_admin_ready(bin.admin).await;
+    bin.signal(Signal::SIGTERM);
+    let started = Instant::now();
+    let (code, log) = tokio::task::spawn_blocking(move || {
+        let code = bin.wait_exit(Duration::from_secs(20));
+        (code, bin.log())
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 128 + 9, "killed: {log}");
+    assert_eq!(std::fs::read_to_string(&marker).unwrap(), "TERM\n", "{log}");
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "not before the stop timeout"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A third signal exits at once (128 + the signal), delay or not, and takes the child down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_third_signal_exits_at_once_and_the_child_goes_with_it() {
+    let port = free_port();
+    let dir = scratch("third");
+    let marker = dir.join("marker");
+    let (port_s, marker_s, fixture) = (port.to_string(), marker.display().to_string(), fixture());
+    let mut bin = Binary::start_with(
+        &format!("http://127.0.0.1:{port}"),
+        &["--shutdown-delay", "60s"],
+        &["python3", &fixture, &port_s, &marker_s, "ignore"],
+        |_| {},
+    );
+    wait_admin_ready(bin.admin).await;
+    let child_url = format!("http://127.0.0.1:{port}/direct");
+    assert_eq!(get(&child_url).await.unwrap().0, StatusCode::OK);
+    let started = Instant::now();
+    // Each signal handled before the next (the count is of signals received); the third
+    // comes while tidegate waits for the child, which ignores SIGTERM.
+    for logged in ["Shutdown requested", "Sending SIGTERM to the app"] {
+        bin.signal(Signal::SIGTERM);
+        eventually(logged, Duration::from_secs(10), || {
+            bin.log().contains(logged)
+        })
+        .await;
+    }
+    bin.signal(Signal::SIGTERM);
+    let (code, log) = tokio::task::spawn_blocking(move || {
+        let code = bin.wait_exit(Duration::from_secs(10));
+        (code, bin.log())
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 128 + 15, "{log}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "not the 60 s delay"
+    );
+    // The child was killed with it: it no longer answers.
+    eventually_async("the child is gone", Duration::from_secs(5), || {
+        let url = child_url.clone();
+        async move { get(&url).await.is_err() }
+    })
+    .await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
