@@ -241,8 +241,9 @@ impl Limiter {
     }
 
     /// The route a `method` request for `path` belongs to, with its body limit (the route's
-    /// own, else `--max-request-body`).
-    pub fn route(&self, method: &Method, path: &str) -> RouteRef {
+    /// own, else `--max-request-body`). The request path uses [`Limiter::in_force`].
+    #[cfg(test)]
+    pub(crate) fn route(&self, method: &Method, path: &str) -> RouteRef {
         self.route_with(&self.shared.settings.load(), method, path)
     }
 
@@ -260,16 +261,6 @@ impl Limiter {
             route,
             max_request_body,
         }
-    }
-
-    /// The priority class and retry mark of a request on `route` from `client`.
-    pub fn classify(
-        &self,
-        headers: &http::HeaderMap,
-        route: &RouteRef,
-        client: Option<std::net::IpAddr>,
-    ) -> RequestClass {
-        self.classify_with(&self.shared.settings.load(), headers, route, client)
     }
 
     /// The settings in force, for the route stage's lookups with one snapshot.
@@ -302,14 +293,20 @@ impl Limiter {
     /// needed.
     ///
     /// Cancel-safe: dropping the future before it resolves leaves the queue and holds nothing.
-    pub async fn acquire(&self, method: &Method, path: &str) -> Result<Admission, Overloaded> {
+    #[cfg(test)]
+    pub(crate) async fn acquire(
+        &self,
+        method: &Method,
+        path: &str,
+    ) -> Result<Admission, Overloaded> {
         self.admit(self.route(method, path), RequestClass::default())
             .await
     }
 
     /// Admits a request on `route` of `class`, waiting in the queue if needed. Cancel-safe,
-    /// like [`Limiter::acquire`].
-    pub async fn admit(
+    /// like [`Limiter::acquire`]. The request path uses [`Limiter::enter`] (the `limit` layer).
+    #[cfg(test)]
+    pub(crate) async fn admit(
         &self,
         route: RouteRef,
         class: RequestClass,
@@ -364,12 +361,13 @@ fn global_size(config: &LimitConfig) -> usize {
 // === impl InForce ===
 
 impl InForce<'_> {
-    /// [`Limiter::route`] with this snapshot.
+    /// The route a `method` request for `path` belongs to, with its body limit (the route's
+    /// own, else `--max-request-body`).
     pub(crate) fn route(&self, method: &Method, path: &str) -> RouteRef {
         self.limiter.route_with(&self.settings, method, path)
     }
 
-    /// [`Limiter::classify`] with this snapshot.
+    /// The priority class and retry mark of a request on `route` from `client`.
     pub(crate) fn classify(
         &self,
         headers: &http::HeaderMap,

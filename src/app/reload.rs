@@ -63,6 +63,10 @@ impl Reloader {
             return false;
         };
         let read = file_hash(&path);
+        if read.is_none() && trigger == WATCHER {
+            // Mid-swap or briefly missing: the watcher looks again next time.
+            return false;
+        }
         if read.is_some() && read == *tried {
             if trigger != WATCHER {
                 tracing::info!(trigger, "Reload asked for; the config file is unchanged");
@@ -123,17 +127,7 @@ impl Reloader {
         loop {
             tick.tick().await;
             let this = self.clone();
-            // A file briefly missing (mid-swap) is looked at again next time, not reloaded.
-            let exists = this
-                .live
-                .load()
-                .args
-                .config
-                .as_deref()
-                .is_some_and(|p| p.exists());
-            if exists {
-                let _ = tokio::task::spawn_blocking(move || this.reload(WATCHER)).await;
-            }
+            let _ = tokio::task::spawn_blocking(move || this.reload(WATCHER)).await;
         }
     }
 }

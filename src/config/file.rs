@@ -205,17 +205,10 @@ fn words(arg: &clap::Arg, value: &toml::Value) -> Result<Vec<std::ffi::OsString>
             .no_binary_name(true)
             .arg(arg.clone().env(None))
             .try_get_matches_from([&word])
-            .map_err(|e| clap_message(&e))?;
+            .map_err(|e| super::first_line(&e))?;
         words.push(word.into());
     }
     Ok(words)
-}
-
-/// What a clap error says of a value, without its `error: ` prefix and usage block.
-fn clap_message(error: &clap::Error) -> String {
-    let rendered = error.render().to_string();
-    let line = rendered.lines().next().unwrap_or("invalid value");
-    line.strip_prefix("error: ").unwrap_or(line).to_owned()
 }
 
 /// Hash of a config file's text: the loader records it, the watcher compares against it.

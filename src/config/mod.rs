@@ -265,13 +265,16 @@ pub(crate) fn command(env: bool) -> clap::Command {
 
 /// The ids of the settings that cannot change without a restart.
 pub fn restart_only() -> Vec<String> {
-    let command = command(true);
+    restart_ids(&command(true)).map(str::to_owned).collect()
+}
+
+/// The ids in `command`'s restart-only group (`command` must be built).
+fn restart_ids(command: &clap::Command) -> impl Iterator<Item = &str> {
     command
         .get_groups()
         .filter(|g| g.get_id() == RESTART_ONLY)
         .flat_map(|g| g.get_args())
-        .map(|id| id.as_str().to_owned())
-        .collect()
+        .map(|id| id.as_str())
 }
 
 /// On reload: puts back the file words in force for each restart-only setting whose words
@@ -282,17 +285,11 @@ fn keep_restart_only(
     previous: &Config,
     explicit: &BTreeSet<String>,
 ) -> Vec<String> {
-    let restart: Vec<&str> = command
-        .get_groups()
-        .filter(|g| g.get_id() == RESTART_ONLY)
-        .flat_map(|g| g.get_args())
-        .map(|id| id.as_str())
-        .collect();
     let find = |list: &[(String, Vec<OsString>)], id: &str| {
         list.iter().find(|(i, _)| i == id).map(|(_, w)| w.clone())
     };
     let mut kept = Vec::new();
-    for id in restart {
+    for id in restart_ids(command) {
         let old = find(&previous.file_words, id);
         if explicit.contains(id) || find(words, id) == old {
             continue;
@@ -307,7 +304,7 @@ fn keep_restart_only(
 }
 
 /// clap's first error line, without its `error: ` prefix and usage block.
-fn first_line(error: &clap::Error) -> String {
+pub(super) fn first_line(error: &clap::Error) -> String {
     let rendered = error.render().to_string();
     let line = rendered.lines().next().unwrap_or("invalid arguments");
     line.strip_prefix("error: ").unwrap_or(line).to_owned()
