@@ -390,14 +390,14 @@ async fn saturation_incident_reproduced_and_prevented() {
     let period = Duration::from_millis(250);
     let probe_timeout = Duration::from_secs(1);
 
-    // Without tidegate: the burst hits the app directly and its health route starves.
-    let bare = App::new()
+    // A WSGI-like app: WORKERS sync workers, `/slow` takes `slow`, the rest a few ms.
+    let wsgi = App::new()
         .workers(WORKERS)
         .delay("/slow", slow)
         .default_delay(Duration::from_millis(5))
-        .body("done")
-        .start()
-        .await;
+        .body("done");
+    // Without tidegate: the burst hits the app directly and its health route starves.
+    let bare = wsgi.clone().start().await;
     let stop = Arc::new(AtomicBool::new(false));
     let prober = spawn_prober(bare.addr, "/health", period, probe_timeout, 3, stop.clone());
     let until = Instant::now() + Duration::from_secs(4);
@@ -415,13 +415,7 @@ async fn saturation_incident_reproduced_and_prevented() {
     );
 
     // With tidegate: at most WORKERS in flight, slow route capped below that.
-    let app = App::new()
-        .workers(WORKERS)
-        .delay("/slow", slow)
-        .default_delay(Duration::from_millis(5))
-        .body("done")
-        .start()
-        .await;
+    let app = wsgi.start().await;
     let tg = tidegate(
         app.addr,
         &[

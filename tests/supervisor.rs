@@ -195,21 +195,33 @@ fn missing_command_exits_127() {
     assert!(stderr.contains("/nonexistent/app"), "{stderr}");
 }
 
-/// An app that ignores SIGTERM is killed after `--child-stop-timeout`, and tidegate exits
-/// with its status (128 + 9).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_child_that_ignores_sigterm_is_killed_after_the_stop_timeout() {
+/// tidegate with `flags` supervising the fixture in its `ignore` mode (a child that notes each
+/// SIGTERM in its marker file and keeps running); returns the binary, its scratch directory,
+/// the marker file and the child's port.
+async fn start_stuck_child(name: &str, flags: &[&str]) -> (Binary, PathBuf, PathBuf, u16) {
     let port = free_port();
-    let dir = scratch("stuck");
+    let dir = scratch(name);
     let marker = dir.join("marker");
     let (port_s, marker_s, fixture) = (port.to_string(), marker.display().to_string(), fixture());
-    let mut bin = Binary::start_with(
+    let bin = Binary::start_with(
         &format!("http://127.0.0.1:{port}"),
-        &["--shutdown-delay", "0s", "--child-stop-timeout", "1s"],
+        flags,
         &["python3", &fixture, &port_s, &marker_s, "ignore"],
         |_| {},
     );
     wait_admin_ready(bin.admin).await;
+    (bin, dir, marker, port)
+}
+
+/// An app that ignores SIGTERM is killed after `--child-stop-timeout`, and tidegate exits
+/// with its status (128 + 9).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_child_that_ignores_sigterm_is_killed_after_the_stop_timeout() {
+    let (mut bin, dir, marker, _) = start_stuck_child(
+        "stuck",
+        &["--shutdown-delay", "0s", "--child-stop-timeout", "1s"],
+    )
+    .await;
     bin.signal(Signal::SIGTERM);
     let started = Instant::now();
     let (code, log) = tokio::task::spawn_blocking(move || {
@@ -230,17 +242,7 @@ async fn a_child_that_ignores_sigterm_is_killed_after_the_stop_timeout() {
 /// A third signal exits at once (128 + the signal), delay or not, and takes the child down.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_third_signal_exits_at_once_and_the_child_goes_with_it() {
-    let port = free_port();
-    let dir = scratch("third");
-    let marker = dir.join("marker");
-    let (port_s, marker_s, fixture) = (port.to_string(), marker.display().to_string(), fixture());
-    let mut bin = Binary::start_with(
-        &format!("http://127.0.0.1:{port}"),
-        &["--shutdown-delay", "60s"],
-        &["python3", &fixture, &port_s, &marker_s, "ignore"],
-        |_| {},
-    );
-    wait_admin_ready(bin.admin).await;
+    let (mut bin, dir, _, port) = start_stuck_child("third", &["--shutdown-delay", "60s"]).await;
     let child_url = format!("http://127.0.0.1:{port}/direct");
     assert_eq!(get(&child_url).await.unwrap().0, StatusCode::OK);
     let started = Instant::now();

@@ -115,6 +115,8 @@ const ADMIN_MAX_HEADER_BYTES: usize = 8 * 1024;
 const EVICTED_FLUSH: Duration = Duration::from_secs(1);
 
 async fn serve(listener: tokio::net::TcpListener, admin: AdminState, stop: Arc<Notify>) {
+    // Shared by every connection and request: one reference count per clone.
+    let admin = Arc::new(admin);
     let connections = TaskTracker::new();
     let table = Arc::new(connections::Table::default());
     let (closing_tx, closing) = watch::channel(false);

@@ -14,7 +14,6 @@ use crate::admin::health::{HealthState, Stamp};
 use crate::app::Metrics;
 use crate::config::{LiveConfig, RuntimeMode};
 use crate::drain::Lifecycle;
-use crate::inbound::metrics::ConnectionMetrics;
 use crate::inbound::{self, ConnectionBudget};
 use crate::outbound::Proxy;
 use crate::stack::ProxyStack;
@@ -63,43 +62,38 @@ pub(super) fn spawn(
     }
     let listener = tokio::net::TcpListener::from_std(listener).map_err(bind_error)?;
     let connections = TaskTracker::new();
-    // One budget for every lane: the limits are the process's, whatever the threads.
-    let budget = ConnectionBudget::default();
+    let lane = inbound::Lane {
+        stack,
+        live: shared.live.clone(),
+        lifecycle: shared.lifecycle.clone(),
+        metrics: shared.metrics.connections.clone(),
+        // One budget for every lane: the limits are the process's, whatever the threads.
+        budget: ConnectionBudget::default(),
+        connections: connections.clone(),
+    };
     let mut workers = Vec::with_capacity(extra_workers);
     for (i, worker_listener) in worker_listeners.into_iter().enumerate() {
-        let mut worker_stack = stack.clone();
+        let mut worker_lane = lane.clone();
         // Its own upstream pool.
-        worker_stack.proxy = Proxy::new(
+        worker_lane.stack.proxy = Proxy::new(
             shared.live.clone(),
             shared.health.progress().clone(),
             shared.metrics.upstream.clone(),
             shared.metrics.requests.clone(),
             shared.tunnels.clone(),
         );
-        let lane = Lane {
+        let worker = Worker {
             heartbeat: shared.health.add_thread_heartbeat(),
-            stack: worker_stack,
-            live: shared.live.clone(),
-            lifecycle: shared.lifecycle.clone(),
-            metrics: shared.metrics.connections.clone(),
-            budget: budget.clone(),
-            connections: connections.clone(),
+            lane: worker_lane,
             tunnels: shared.tunnels.clone(),
         };
         workers.push(
-            lane.spawn(i + 1, worker_listener)
+            worker
+                .spawn(i + 1, worker_listener)
                 .map_err(|e| StartError::Runtime("proxy worker thread", e))?,
         );
     }
-    let accept = tokio::spawn(inbound::serve(
-        listener,
-        stack,
-        shared.live,
-        shared.lifecycle,
-        shared.metrics.connections.clone(),
-        budget,
-        connections.clone(),
-    ));
+    let accept = tokio::spawn(inbound::serve(listener, lane));
     Ok(Lanes {
         accept,
         workers,
@@ -120,19 +114,15 @@ impl Lanes {
     }
 }
 
-/// One extra proxy thread of `--runtime per-thread`: what its accept loop needs.
-struct Lane {
+/// One extra proxy thread of `--runtime per-thread`: its accept loop's lane, its heartbeat,
+/// and the tunnels its runtime drives.
+struct Worker {
     heartbeat: Stamp,
-    stack: ProxyStack,
-    live: LiveConfig,
-    lifecycle: Lifecycle,
-    metrics: Arc<ConnectionMetrics>,
-    budget: ConnectionBudget,
-    connections: TaskTracker,
+    lane: inbound::Lane,
     tunnels: TaskTracker,
 }
 
-impl Lane {
+impl Worker {
     /// Starts the thread with its own current-thread runtime, accepting on `listener` until
     /// the drain, then driving its connections until they are done. The returned receiver
     /// resolves when its listener is closed.
@@ -150,25 +140,15 @@ impl Lane {
             .spawn(move || {
                 runtime.block_on(async move {
                     let heartbeat = tokio::spawn(beat(self.heartbeat, None));
+                    let connections = self.lane.connections.clone();
                     match tokio::net::TcpListener::from_std(listener) {
-                        Ok(listener) => {
-                            inbound::serve(
-                                listener,
-                                self.stack,
-                                self.live,
-                                self.lifecycle,
-                                self.metrics,
-                                self.budget,
-                                self.connections.clone(),
-                            )
-                            .await
-                        }
+                        Ok(listener) => inbound::serve(listener, self.lane).await,
                         Err(error) => tracing::error!(%error, "Proxy worker cannot listen"),
                     }
                     let _ = closed_tx.send(());
                     // This runtime drives its connections and tunnels: keep it running until
                     // the drain is over (or the process exits at the drain timeout).
-                    self.connections.wait().await;
+                    connections.wait().await;
                     self.tunnels.wait().await;
                     heartbeat.abort();
                 });

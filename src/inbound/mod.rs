@@ -65,6 +65,24 @@ pub(crate) struct ConnectionBudget {
     refusals: refuse::Refusals,
 }
 
+/// What one accept loop serves with; each `--runtime per-thread` thread has its own stack
+/// (its own upstream pool) and shares the rest.
+#[derive(Clone, Debug)]
+pub(crate) struct Lane {
+    /// The service each connection is served by.
+    pub(crate) stack: ProxyStack,
+    /// The configuration in force.
+    pub(crate) live: LiveConfig,
+    /// The shutdown phases: the loop stops accepting at the drain.
+    pub(crate) lifecycle: Lifecycle,
+    /// Connection metrics.
+    pub(crate) metrics: Arc<ConnectionMetrics>,
+    /// The process-wide connection limits.
+    pub(crate) budget: ConnectionBudget,
+    /// Every client connection of every lane, for the drain to wait on.
+    pub(crate) connections: TaskTracker,
+}
+
 /// Everything a connection task needs, shared.
 #[derive(Clone, Debug)]
 struct Context {
@@ -100,15 +118,15 @@ struct ConnSettings {
 /// Accepts connections until the drain starts, spawning each on `connections`.
 ///
 /// Returns when the listener is closed (dropped): from then on, connects are refused.
-pub(crate) async fn serve(
-    listener: TcpListener,
-    stack: ProxyStack,
-    live: LiveConfig,
-    lifecycle: Lifecycle,
-    metrics: Arc<ConnectionMetrics>,
-    budget: ConnectionBudget,
-    connections: TaskTracker,
-) {
+pub(crate) async fn serve(listener: TcpListener, lane: Lane) {
+    let Lane {
+        stack,
+        live,
+        lifecycle,
+        metrics,
+        budget,
+        connections,
+    } = lane;
     let cx = Context {
         stack,
         live,
