@@ -322,18 +322,11 @@ mod tests {
     use super::*;
 
     fn parse(text: &str) -> Result<FileConfig, String> {
-        let dir = std::env::temp_dir().join(format!(
-            "tidegate-file-{}-{}",
-            std::process::id(),
-            fastrand::u64(..)
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("tidegate.toml");
-        std::fs::write(&path, text).unwrap();
+        let path = super::super::tests::file(text);
         let result = load(&path, &super::super::command(true))
             .map(|(f, _)| f)
             .map_err(|e| e.to_string());
-        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
         result
     }
 

@@ -433,7 +433,7 @@ mod tests {
     }
 
     /// A config file in a fresh directory; returns its path.
-    fn file(text: &str) -> PathBuf {
+    pub(super) fn file(text: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!(
             "tidegate-config-{}-{}",
             std::process::id(),
