@@ -20,6 +20,11 @@ pub enum ShedReason {
     QueueDelay,
     /// A request of a higher priority class took the request's place in a full queue.
     Evicted,
+    /// `--coalesce-max-waiting` requests already waited for identical requests' responses.
+    CoalesceFull,
+    /// The request waited for an identical request's response longer than
+    /// `--coalesce-max-wait`.
+    CoalesceWait,
 }
 
 /// A request was refused to protect the app (always answered with a 503).
@@ -131,17 +136,21 @@ impl ShedReason {
             ShedReason::Draining => "draining",
             ShedReason::QueueDelay => "queue-delay",
             ShedReason::Evicted => "evicted",
+            ShedReason::CoalesceFull => "coalesce-full",
+            ShedReason::CoalesceWait => "coalesce-wait",
         }
     }
 
     /// Every reason, for pre-registering metric series.
-    pub const ALL: [ShedReason; 6] = [
+    pub const ALL: [ShedReason; 8] = [
         ShedReason::QueueFull,
         ShedReason::QueueTimeout,
         ShedReason::RouteFull,
         ShedReason::Draining,
         ShedReason::QueueDelay,
         ShedReason::Evicted,
+        ShedReason::CoalesceFull,
+        ShedReason::CoalesceWait,
     ];
 }
 

@@ -164,6 +164,83 @@ async fn a_thousand_identical_gets_make_one_upstream_request() {
     assert_eq!(body_of(&text), "hot data 2 for /hot/item?id=7");
 }
 
+/// The value of `name` in a raw response's head.
+fn header_of<'a>(text: &'a str, name: &str) -> Option<&'a str> {
+    let head = text.split_once("\r\n\r\n").map_or(text, |(h, _)| h);
+    head.lines().find_map(|line| {
+        let (n, v) = line.split_once(':')?;
+        n.eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn followers_beyond_coalesce_max_waiting_are_refused_at_once() {
+    let app = HeldApp::start().await;
+    let tg = coalescing_tidegate(&app, &["--coalesce-max-waiting", "3"]).await;
+    let addr = tg.addr;
+    let requests: Vec<_> = (0..6)
+        .map(|_| tokio::spawn(async move { raw_request(addr, "GET", "/hot/item", "").await }))
+        .collect();
+    let refused = "tidegate_shed_total{reason=\"coalesce-full\",route=\"/hot\"}";
+    eventually(
+        "a leader at the app, 3 followers waiting, 2 refused",
+        Duration::from_secs(20),
+        || tg.metrics.coalesce.coalesce_waiting.get() == 3 && app.hits() == 1,
+    )
+    .await;
+    // The excess is answered while the leader is still held.
+    eventually("two requests answered", Duration::from_secs(20), || {
+        requests.iter().filter(|r| r.is_finished()).count() == 2
+    })
+    .await;
+    app.release.add_permits(1);
+    let mut statuses = Vec::new();
+    for r in requests {
+        let (status, text) = r.await.unwrap();
+        if status == 503 {
+            assert_eq!(
+                header_of(&text, "tidegate-shed"),
+                Some("coalesce-full"),
+                "{text}"
+            );
+            assert!(header_of(&text, "retry-after").is_some(), "{text}");
+        }
+        statuses.push(status);
+    }
+    statuses.sort();
+    assert_eq!(statuses, [200, 200, 200, 200, 503, 503]);
+    assert_eq!(app.hits(), 1, "refused followers never reached the app");
+    assert_eq!(metric(tg.admin, refused).await, Some(2.0));
+    assert_eq!(tg.metrics.coalesce.coalesce_waiting.get(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_waits_at_most_coalesce_max_wait() {
+    let app = HeldApp::start().await;
+    let tg = coalescing_tidegate(&app, &["--coalesce-max-wait", "300ms"]).await;
+    let addr = tg.addr;
+    let leader = tokio::spawn(async move { raw_request(addr, "GET", "/hot/item", "").await });
+    eventually("the leader at the app", Duration::from_secs(20), || {
+        app.hits() == 1
+    })
+    .await;
+    let started = std::time::Instant::now();
+    let (status, text) = raw_request(addr, "GET", "/hot/item", "").await;
+    let waited = started.elapsed();
+    assert_eq!(status, 503, "{text}");
+    assert_eq!(
+        header_of(&text, "tidegate-shed"),
+        Some("coalesce-wait"),
+        "{text}"
+    );
+    assert!(waited >= Duration::from_millis(300), "{waited:?}");
+    assert_eq!(app.hits(), 1, "the follower never went to the app");
+    assert_eq!(tg.metrics.coalesce.coalesce_waiting.get(), 0);
+    app.release.add_permits(1);
+    let (status, _) = leader.await.unwrap();
+    assert_eq!(status, 200, "the leader is still answered");
+}
+
 /// Sends `n` identical requests at once, waits until `arrived` of them reached the app and the
 /// rest (if coalesced) wait, releases them all and returns the responses.
 async fn burst(

@@ -317,6 +317,12 @@ impl Limiter {
         }
     }
 
+    /// Counts a refusal for `reason` of a request on `route` that never reached the queue
+    /// (a coalesced follower), and returns it with its `Retry-After`.
+    pub(crate) fn refuse_on(&self, route: &RouteRef, reason: ShedReason) -> Overloaded {
+        self.shared.refuse(route.route.as_deref(), None, reason)
+    }
+
     /// Counts a request refused for breaking a limit, and returns the refusal.
     pub fn reject(&self, rejected: Rejected) -> Rejected {
         self.shared.requests.count_rejection(&rejected);

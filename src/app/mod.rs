@@ -209,7 +209,11 @@ impl Server {
             rescue: RescueLayer::new(self.live.clone()),
             screen: ScreenLayer::new(self.live.clone(), self.metrics.requests.clone()),
             route: RouteLayer::new(self.limiter.clone()),
-            coalesce: CoalesceLayer::new(self.live.clone(), self.metrics.coalesce.clone()),
+            coalesce: CoalesceLayer::new(
+                self.live.clone(),
+                self.limiter.clone(),
+                self.metrics.coalesce.clone(),
+            ),
             limit: LimitLayer::new(self.limiter.clone()),
             proxy,
         };

@@ -215,6 +215,15 @@ pub struct Args {
     #[arg(long, env = "TIDEGATE_COALESCE_MAX_BODY", default_value = "1MiB", value_name = "SIZE", value_parser = parse_size)]
     pub coalesce_max_body: ByteSize,
 
+    /// Requests that may wait for an identical request's response at once, all routes
+    /// together; the excess is refused with a 503 coalesce-full
+    #[arg(long, env = "TIDEGATE_COALESCE_MAX_WAITING", default_value_t = 1024, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub coalesce_max_waiting: u32,
+
+    /// Longest a request waits for an identical request's response before a 503 coalesce-wait
+    #[arg(long, env = "TIDEGATE_COALESCE_MAX_WAIT", default_value = "30s", value_name = "DURATION", value_parser = parse_duration)]
+    pub coalesce_max_wait: Duration,
+
     /// Bytes the coalescing cache may hold (routes with coalesce_cache), bodies and headers
     #[arg(long, env = "TIDEGATE_COALESCE_CACHE_SIZE", default_value = "16MiB", value_name = "SIZE", value_parser = parse_size)]
     pub coalesce_cache_size: ByteSize,

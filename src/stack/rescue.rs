@@ -3,7 +3,7 @@
 //!
 //! | cause                         | status | header                                  |
 //! |-------------------------------|--------|-----------------------------------------|
-//! | shed (queue, route, draining, queue delay, evicted) | 503 | `tidegate-shed: <reason>`, `Retry-After` |
+//! | shed (queue, route, draining, queue delay, evicted, coalescing) | 503 | `tidegate-shed: <reason>`, `Retry-After` |
 //! | connect refused / no socket   | 502    | `tidegate-error: upstream-connect`       |
 //! | connection reset / closed     | 502    | `tidegate-error: upstream-reset`         |
 //! | connect timeout               | 504    | `tidegate-error: upstream-connect-timeout` |

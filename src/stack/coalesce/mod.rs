@@ -17,6 +17,10 @@
 //!   leader fails (an error, a refusal, its client leaving before the head), followers are sent
 //!   to the app on their own, as if coalescing were off.
 //!
+//! Followers are bounded like the queue: at most `--coalesce-max-waiting` wait at once, each
+//! at most `--coalesce-max-wait`; the excess and the late are refused (`503 coalesce-full`,
+//! `coalesce-wait`), so a hung app cannot pile them up.
+//!
 //! With `coalesce_cache` on the route, shareable responses with an explicit lifetime are also
 //! kept for a while (`cache`), and identical requests are answered from there.
 //!
@@ -32,6 +36,7 @@ mod rules;
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -48,8 +53,9 @@ use tower::{Layer, Service};
 use self::metrics::{CoalesceMetrics, CoalesceOutcome};
 use self::rules::{Key, bypasses_cache, key, shareable, vary_matches};
 use super::route::Routed;
+use crate::admission::{Limiter, RouteRef};
 use crate::config::LiveConfig;
-use crate::error::BoxError;
+use crate::error::{BoxError, Overloaded, ShedReason};
 use crate::metrics::LabelValues;
 use crate::outbound::response_body::{ResponseBody, Resumed};
 
@@ -77,7 +83,10 @@ pub(crate) type ResponseFuture<F, E> = Either<MapErr<F, fn(E) -> BoxError>, Coal
 #[derive(Debug)]
 struct Shared {
     live: LiveConfig,
+    limiter: Limiter,
     metrics: Arc<CoalesceMetrics>,
+    /// Followers waiting now, bounded by `--coalesce-max-waiting`.
+    waiting: AtomicUsize,
     flights: Mutex<HashMap<Key, Arc<Flight>>>,
     cache: cache::Cache,
 }
@@ -115,18 +124,24 @@ struct Publisher {
     flight: Arc<Flight>,
 }
 
-/// Counts a follower waiting.
-struct Waiting<'a>(&'a CoalesceMetrics);
+/// A follower's place among those waiting; given back when dropped.
+struct Waiting<'a>(&'a Shared);
 
 // === impl CoalesceLayer ===
 
 impl CoalesceLayer {
     /// A layer sharing one set of flights across every connection.
-    pub(crate) fn new(live: LiveConfig, metrics: Arc<CoalesceMetrics>) -> CoalesceLayer {
+    pub(crate) fn new(
+        live: LiveConfig,
+        limiter: Limiter,
+        metrics: Arc<CoalesceMetrics>,
+    ) -> CoalesceLayer {
         CoalesceLayer {
             shared: Arc::new(Shared {
                 live,
+                limiter,
                 metrics,
+                waiting: AtomicUsize::new(0),
                 flights: Mutex::new(HashMap::new()),
                 cache: cache::Cache::default(),
             }),
@@ -202,7 +217,8 @@ where
                     publisher.publish(response, cache_for).await
                 }
                 Joined::Follower(flight) => {
-                    match shared.follow(&flight, request.request.headers()).await {
+                    let headers = request.request.headers();
+                    match shared.follow(&flight, headers, &request.route).await? {
                         Some(response) => Ok(response),
                         None => inner.call(request).await.map_err(Into::into),
                     }
@@ -284,16 +300,31 @@ impl Shared {
         })
     }
 
-    /// Waits for the leader; the shared response, or `None` to go to the app alone.
-    async fn follow(&self, flight: &Flight, headers: &HeaderMap) -> Option<Response<ResponseBody>> {
+    /// Waits for the leader, within `--coalesce-max-waiting` and `--coalesce-max-wait`; the
+    /// shared response, or `None` to go to the app alone.
+    async fn follow(
+        &self,
+        flight: &Flight,
+        headers: &HeaderMap,
+        route: &RouteRef,
+    ) -> Result<Option<Response<ResponseBody>>, Overloaded> {
+        let (max_waiting, max_wait) = {
+            let config = self.live.peek();
+            (
+                config.args.coalesce_max_waiting,
+                config.args.coalesce_max_wait,
+            )
+        };
+        let Some(waiting) = Waiting::take(self, max_waiting as usize) else {
+            return Err(self.limiter.refuse_on(route, ShedReason::CoalesceFull));
+        };
         let mut outcome = flight.outcome.subscribe();
-        let waiting = Waiting::new(&self.metrics);
-        let result = outcome
-            .wait_for(Option::is_some)
-            .await
-            .ok()
-            .and_then(|o| o.clone());
+        let result = tokio::time::timeout(max_wait, outcome.wait_for(Option::is_some)).await;
         drop(waiting);
+        let result = match result {
+            Ok(result) => result.ok().and_then(|o| o.clone()),
+            Err(_elapsed) => return Err(self.limiter.refuse_on(route, ShedReason::CoalesceWait)),
+        };
         let response = match result.as_deref() {
             Some(Outcome::Shared(response))
                 if vary_matches(&response.headers, &flight.request_headers, headers) =>
@@ -311,7 +342,7 @@ impl Shared {
             .coalesced
             .with_label_values(&[outcome.as_label()])
             .inc();
-        response
+        Ok(response)
     }
 }
 
@@ -434,14 +465,22 @@ impl SharedResponse {
 // === impl Waiting ===
 
 impl<'a> Waiting<'a> {
-    fn new(metrics: &'a CoalesceMetrics) -> Waiting<'a> {
-        metrics.coalesce_waiting.inc();
-        Waiting(metrics)
+    /// A place among at most `max` followers waiting, if one is free.
+    fn take(shared: &'a Shared, max: usize) -> Option<Waiting<'a>> {
+        shared
+            .waiting
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()?;
+        shared.metrics.coalesce_waiting.inc();
+        Some(Waiting(shared))
     }
 }
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        self.0.coalesce_waiting.dec();
+        self.0.waiting.fetch_sub(1, Ordering::AcqRel);
+        self.0.metrics.coalesce_waiting.dec();
     }
 }
