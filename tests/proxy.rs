@@ -578,6 +578,126 @@ async fn client_abort_finish_keeps_the_slot_until_the_app_is_done() {
     .await;
 }
 
+/// An endless response (SSE, a long poll) whose client left is finished in the background for
+/// at most `--abandoned-timeout`, then cut: its slot comes back and the cut is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_endless_response_is_cut_after_the_abandoned_timeout() {
+    let app = upstream(|_req| async move {
+        let ticks = futures_util::stream::unfold((), |()| async {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let tick = Frame::data(Bytes::from_static(b"data: tick\n\n"));
+            Some((Ok::<_, hyper::Error>(tick), ()))
+        });
+        Response::new(BodyExt::boxed(StreamBody::new(ticks)))
+    })
+    .await;
+    let tg = tidegate(
+        app.addr,
+        &["--abandoned-timeout", "500ms", "--max-concurrency", "1"],
+    )
+    .await;
+    let mut stream = TcpStream::connect(tg.addr).await.unwrap();
+    stream
+        .write_all(b"GET /events HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !String::from_utf8_lossy(&seen).contains("tick") {
+        let n = stream.read(&mut buf).await.unwrap();
+        assert!(n > 0, "the stream ended early");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    drop(stream); // the client leaves; the app would stream forever
+    let upstream = &tg.metrics.upstream;
+    eventually("the exchange abandoned", Duration::from_secs(10), || {
+        upstream.abandoned.get() == 1
+    })
+    .await;
+    eventually(
+        "the slot back after the cut",
+        Duration::from_secs(20),
+        || tg.metrics.admission.in_flight.get() == 0,
+    )
+    .await;
+    assert_eq!(upstream.abandoned.get(), 0);
+    assert_eq!(
+        metric(
+            tg.admin,
+            "tidegate_abandoned_exchanges_total{outcome=\"cut\"}"
+        )
+        .await,
+        Some(1.0)
+    );
+}
+
+/// Starts a tidegate with no shutdown delay in front of `gate`, sends it one request, leaves
+/// once the app has it, and starts the shutdown once tidegate finishes the exchange alone.
+async fn abandon_then_shut_down(gate: &Gate, drain_timeout: &str) -> Tidegate {
+    let tg = tidegate(
+        gate.addr(),
+        &["--shutdown-delay", "0s", "--drain-timeout", drain_timeout],
+    )
+    .await;
+    let mut stream = TcpStream::connect(tg.addr).await.unwrap();
+    stream
+        .write_all(b"GET /work HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    gate.wait_arrived(1).await;
+    drop(stream);
+    eventually("the exchange abandoned", Duration::from_secs(10), || {
+        tg.metrics.upstream.abandoned.get() == 1
+    })
+    .await;
+    assert!(tg.lifecycle.start_shutdown());
+    eventually("draining", Duration::from_secs(10), || {
+        matches!(
+            tg.lifecycle.phase(),
+            tidegate::Phase::Drain | tidegate::Phase::Exited
+        )
+    })
+    .await;
+    tg
+}
+
+/// The drain waits for exchanges whose client left: the app's work is not cut by the exit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_drain_waits_for_an_abandoned_exchange() {
+    let gate = Gate::start().await;
+    let mut tg = abandon_then_shut_down(&gate, "20s").await;
+    // A drain that does not see the exchange is over at once: no connection is left.
+    let early = tokio::time::timeout(Duration::from_millis(300), &mut tg.task).await;
+    assert!(early.is_err(), "the drain ended with the app still working");
+    gate.release(1);
+    let outcome = tokio::time::timeout(Duration::from_secs(20), &mut tg.task)
+        .await
+        .expect("the drain ends once the app is done")
+        .unwrap();
+    assert_eq!(outcome, tidegate::DrainOutcome::Complete);
+    assert_eq!(gate.finished.load(Ordering::SeqCst), 1);
+    assert_eq!(tg.metrics.upstream.abandoned_total[0].get(), 1, "finished");
+}
+
+/// An abandoned exchange still running at the drain timeout is reported as cut off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_exchange_at_the_drain_timeout_is_reported_cut() {
+    let gate = Gate::start().await;
+    let mut tg = abandon_then_shut_down(&gate, "300ms").await;
+    let outcome = tokio::time::timeout(Duration::from_secs(20), &mut tg.task)
+        .await
+        .expect("the drain times out")
+        .unwrap();
+    assert_eq!(
+        outcome,
+        tidegate::DrainOutcome::TimedOut {
+            in_flight: 1,
+            connections: 0
+        }
+    );
+    gate.release(1);
+}
+
 /// `--on-client-abort cancel`: the upstream request is closed as soon as the client leaves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_abort_cancel_closes_the_upstream_request() {

@@ -27,7 +27,7 @@ pub(super) struct Shared {
     pub(super) lifecycle: Lifecycle,
     pub(super) metrics: Arc<Metrics>,
     pub(super) health: HealthState,
-    pub(super) tunnels: TaskTracker,
+    pub(super) background: TaskTracker,
 }
 
 /// The running lanes.
@@ -80,12 +80,12 @@ pub(super) fn spawn(
             shared.health.progress().clone(),
             shared.metrics.upstream.clone(),
             shared.metrics.requests.clone(),
-            shared.tunnels.clone(),
+            shared.background.clone(),
         );
         let worker = Worker {
             heartbeat: shared.health.add_thread_heartbeat(),
             lane: worker_lane,
-            tunnels: shared.tunnels.clone(),
+            background: shared.background.clone(),
         };
         workers.push(
             worker
@@ -115,11 +115,11 @@ impl Lanes {
 }
 
 /// One extra proxy thread of `--runtime per-thread`: its accept loop's lane, its heartbeat,
-/// and the tunnels its runtime drives.
+/// and the background tasks (tunnels, abandoned exchanges) its runtime drives.
 struct Worker {
     heartbeat: Stamp,
     lane: inbound::Lane,
-    tunnels: TaskTracker,
+    background: TaskTracker,
 }
 
 impl Worker {
@@ -146,10 +146,10 @@ impl Worker {
                         Err(error) => tracing::error!(%error, "Proxy worker cannot listen"),
                     }
                     let _ = closed_tx.send(());
-                    // This runtime drives its connections and tunnels: keep it running until
+                    // This runtime drives its connections and background tasks: keep it running until
                     // the drain is over (or the process exits at the drain timeout).
                     connections.wait().await;
-                    self.tunnels.wait().await;
+                    self.background.wait().await;
                     heartbeat.abort();
                 });
             })?;

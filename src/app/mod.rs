@@ -88,7 +88,7 @@ pub struct Running {
     health: HealthState,
     proxy_listener: std::net::TcpListener,
     stack: ProxyStack,
-    tunnels: TaskTracker,
+    background: TaskTracker,
     admin: AdminHandle,
 }
 
@@ -195,13 +195,13 @@ impl Server {
         };
         let admin = admin::spawn(self.admin_listener, admin_state, checker)
             .map_err(|e| StartError::Runtime("admin thread", e))?;
-        let tunnels = TaskTracker::new();
+        let background = TaskTracker::new();
         let proxy = Proxy::new(
             self.live.clone(),
             self.health.progress().clone(),
             self.metrics.upstream.clone(),
             self.metrics.requests.clone(),
-            tunnels.clone(),
+            background.clone(),
         );
         let stack = ProxyStack {
             record: RecordLayer::new(self.metrics.requests.clone(), self.live.clone()),
@@ -226,7 +226,7 @@ impl Server {
             health: self.health,
             proxy_listener: self.proxy_listener,
             stack,
-            tunnels,
+            background,
             admin,
         })
     }
@@ -258,7 +258,7 @@ impl Running {
             health,
             proxy_listener,
             stack,
-            tunnels,
+            background,
             admin,
         } = self;
         let config = live.load();
@@ -279,7 +279,7 @@ impl Running {
                 lifecycle: lifecycle.clone(),
                 metrics: metrics.clone(),
                 health: health.clone(),
-                tunnels: tunnels.clone(),
+                background: background.clone(),
             },
         )?;
         lifecycle.reached(Phase::Delay).await;
@@ -289,7 +289,7 @@ impl Running {
             metrics,
             limiter,
             lanes,
-            tunnels,
+            background,
         })
         .await;
         let _ = tokio::task::spawn_blocking(move || admin.shutdown(ADMIN_FLUSH)).await;

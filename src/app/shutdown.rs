@@ -23,7 +23,7 @@ pub(super) struct Walk {
     pub(super) metrics: Arc<Metrics>,
     pub(super) limiter: Limiter,
     pub(super) lanes: Lanes,
-    pub(super) tunnels: TaskTracker,
+    pub(super) background: TaskTracker,
 }
 
 /// Walks delay → drain → exit with the timings in force when shutdown started (later reloads
@@ -50,7 +50,7 @@ async fn delay(walk: &Walk, config: &Config) {
     }
 }
 
-/// Closes the listeners and waits for connections and tunnels for at most `--drain-timeout`;
+/// Closes the listeners and waits for connections, tunnels and abandoned exchanges for at most `--drain-timeout`;
 /// at the deadline, queued requests are refused (503 `draining`) rather than reset.
 async fn drain(walk: &mut Walk, config: &Config) -> DrainOutcome {
     let args = &config.args;
@@ -65,10 +65,10 @@ async fn drain(walk: &mut Walk, config: &Config) -> DrainOutcome {
     walk.lanes.listeners_closed().await;
     let connections = walk.lanes.connections.clone();
     connections.close();
-    walk.tunnels.close();
+    walk.background.close();
     let all_done = async {
         connections.wait().await;
-        walk.tunnels.wait().await;
+        walk.background.wait().await;
     };
     match tokio::time::timeout(args.drain_timeout, all_done).await {
         Ok(()) => DrainOutcome::Complete,

@@ -135,6 +135,11 @@ pub struct Args {
     #[arg(long, env = "TIDEGATE_ON_CLIENT_ABORT", value_enum, default_value_t = ClientAbort::Finish)]
     pub on_client_abort: ClientAbort,
 
+    /// With --on-client-abort finish: longest an exchange whose client left is finished in
+    /// the background before it is cut
+    #[arg(long, env = "TIDEGATE_ABANDONED_TIMEOUT", default_value = "30s", value_name = "DURATION", value_parser = parse_duration)]
+    pub abandoned_timeout: Duration,
+
     /// Add a `Via: 1.1 tidegate` header both ways
     #[arg(long, env = "TIDEGATE_VIA")]
     pub via: bool,

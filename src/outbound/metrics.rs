@@ -1,6 +1,6 @@
 //! The client side's families: failures talking to the app.
 
-use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 use crate::metrics::{LabelValues, MetricsError, reg};
 /// The client side: failures talking to the app.
@@ -11,6 +11,21 @@ pub struct UpstreamMetrics {
     /// `tidegate_upstream_replays_total`: bodiless idempotent requests sent again on a new
     /// connection after a reused one closed before answering (the keep-alive race).
     pub upstream_replays: IntCounter,
+    /// `tidegate_abandoned_exchanges`: exchanges whose client left, being finished in the
+    /// background (`--on-client-abort finish`).
+    pub abandoned: IntGauge,
+    /// `tidegate_abandoned_exchanges_total{outcome}`, indexed by [`AbandonedOutcome`]:
+    /// abandoned exchanges that the app finished, or that `--abandoned-timeout` cut.
+    pub abandoned_total: [IntCounter; 2],
+}
+
+/// `tidegate_abandoned_exchanges_total{outcome}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AbandonedOutcome {
+    /// The app finished the exchange (or it failed on its own).
+    Finished = 0,
+    /// `--abandoned-timeout` passed first: the exchange was cut.
+    Cut = 1,
 }
 
 /// `tidegate_upstream_errors_total{kind}`.
@@ -51,6 +66,26 @@ impl UpstreamMetrics {
                      answering",
                 )?,
             )?,
+            abandoned: reg(
+                r,
+                IntGauge::new(
+                    "tidegate_abandoned_exchanges",
+                    "Exchanges whose client left, being finished in the background",
+                )?,
+            )?,
+            abandoned_total: {
+                let family = reg(
+                    r,
+                    IntCounterVec::new(
+                        Opts::new(
+                            "tidegate_abandoned_exchanges_total",
+                            "Exchanges whose client left, by how their background finish ended",
+                        ),
+                        &["outcome"],
+                    )?,
+                )?;
+                AbandonedOutcome::ALL.map(|o| family.with_label_values(&[o.as_label()]))
+            },
         };
         for kind in UpstreamError::ALL {
             m.upstream_errors.with_label_values(&[kind.as_label()]);
@@ -60,6 +95,17 @@ impl UpstreamMetrics {
 }
 
 // === impl labels ===
+
+impl AbandonedOutcome {
+    const ALL: [AbandonedOutcome; 2] = [AbandonedOutcome::Finished, AbandonedOutcome::Cut];
+
+    fn as_label(self) -> &'static str {
+        match self {
+            AbandonedOutcome::Finished => "finished",
+            AbandonedOutcome::Cut => "cut",
+        }
+    }
+}
 
 impl LabelValues for UpstreamError {
     const ALL: &'static [UpstreamError] = &[

@@ -2,6 +2,7 @@
 //! [`client`](self::client), and streams the answer back. Upgrades (WebSocket)
 //! become tunnels.
 
+mod abandoned;
 pub(crate) mod client;
 pub(crate) mod connect;
 mod deadline;
@@ -23,11 +24,13 @@ use std::time::Duration;
 
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Request, Response, StatusCode, Uri, Version};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use tokio_util::task::TaskTracker;
 use tower::Service;
 
+use self::abandoned::Abandoned;
 use self::deadline::{Elapsed, Within};
 
 use self::metrics::{UpstreamError, UpstreamMetrics};
@@ -78,7 +81,8 @@ type Sent = Result<(Response<Incoming>, Option<Lease>), SendError>;
 /// stays held until it ends; with `cancel`, dropping it ends the exchange.
 pub(crate) struct ResponseFuture {
     exchange: Option<BoxedExchange>,
-    finish_on_drop: bool,
+    /// Set with `--on-client-abort finish`.
+    finisher: Option<Abandoned>,
 }
 
 /// Per-request settings read from the live config when the request is admitted.
@@ -99,23 +103,25 @@ struct Shared {
     progress: Progress,
     metrics: Arc<UpstreamMetrics>,
     requests: Arc<RequestMetrics>,
-    tunnels: TaskTracker,
+    background: TaskTracker,
+    abandoned: Abandoned,
 }
 
 // === impl Proxy ===
 
 impl Proxy {
     /// Builds the client for the app in `live` (the upstream and its protocol are fixed at
-    /// start; timeouts and the rest are read per request). `tunnels` tracks upgraded
-    /// connections so the drain can wait for them.
+    /// start; timeouts and the rest are read per request). `background` tracks upgraded
+    /// connections and exchanges whose client left, so the drain can wait for them.
     pub(crate) fn new(
         live: LiveConfig,
         progress: Progress,
         metrics: Arc<UpstreamMetrics>,
         requests: Arc<RequestMetrics>,
-        tunnels: TaskTracker,
+        background: TaskTracker,
     ) -> Proxy {
         let client = Client::new(live.clone(), metrics.upstream_replays.clone());
+        let abandoned = Abandoned::new(live.clone(), background.clone(), metrics.clone());
         let authority = client.is_http2().then(|| match &live.load().args.upstream {
             Upstream::Tcp { authority } => authority.clone(),
             Upstream::Unix { .. } => Authority::from_static("localhost"),
@@ -128,7 +134,8 @@ impl Proxy {
                 progress,
                 metrics,
                 requests,
-                tunnels,
+                background,
+                abandoned,
             }),
             client_ip: None,
         }
@@ -163,8 +170,9 @@ impl Service<Admitted<Request<Incoming>>> for Proxy {
             via: config.args.via,
             max_request_body: admission.max_request_body(),
         };
-        let on_abort = config.args.on_client_abort;
-        let guard = ExchangeGuard::new(admission, self.shared.progress.clone(), on_abort);
+        let finisher = (config.args.on_client_abort == ClientAbort::Finish)
+            .then(|| self.shared.abandoned.clone());
+        let guard = ExchangeGuard::new(admission, self.shared.progress.clone(), finisher.clone());
         // The request is rewritten here rather than in the exchange: an `async fn` keeps room
         // for its arguments for as long as it lives, and the client's request is not needed
         // once the app's is built.
@@ -188,7 +196,7 @@ impl Service<Admitted<Request<Incoming>>> for Proxy {
         };
         ResponseFuture {
             exchange: Some(exchange),
-            finish_on_drop: on_abort == ClientAbort::Finish,
+            finisher,
         }
     }
 }
@@ -214,18 +222,16 @@ impl Drop for ResponseFuture {
         let Some(exchange) = self.exchange.take() else {
             return;
         };
-        if !self.finish_on_drop {
+        let Some(finisher) = self.finisher.take() else {
             return;
-        }
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => {
-                runtime.spawn(async move {
-                    // The client is gone; the response is read and discarded by its body.
-                    let _ = exchange.await;
-                });
+        };
+        finisher.finish(async move {
+            // The client is gone: the response is read to its end and discarded.
+            if let Ok(response) = exchange.await {
+                let mut body = response.into_body();
+                while let Some(Ok(_)) = body.frame().await {}
             }
-            Err(_) => tracing::debug!("No runtime to finish an abandoned exchange"),
-        }
+        });
     }
 }
 
@@ -286,7 +292,7 @@ impl Shared {
             let app_side = hyper::upgrade::on(&mut response);
             // The connection becomes the tunnel and never goes back to the pool; its sender
             // is held until the tunnel ends, so hyper hands the socket over undisturbed.
-            self.tunnels.spawn(async move {
+            self.background.spawn(async move {
                 upgrade::tunnel(client_side, app_side, guard).await;
                 drop(lease);
             });

@@ -10,7 +10,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use crate::admission::Admission;
-use crate::config::ClientAbort;
+use crate::outbound::abandoned::Abandoned;
 use crate::outbound::pool::Lease;
 use crate::outbound::progress::Progress;
 
@@ -42,7 +42,8 @@ pub(crate) struct Resumed {
 pub(crate) struct ExchangeGuard {
     admission: Admission,
     progress: Progress,
-    on_abort: ClientAbort,
+    /// Set with `--on-client-abort finish`.
+    finisher: Option<Abandoned>,
 }
 
 /// The app's response body. Holds its [`ExchangeGuard`] until the last frame is read, and
@@ -108,12 +109,12 @@ impl ExchangeGuard {
     pub(crate) fn new(
         admission: Admission,
         progress: Progress,
-        on_abort: ClientAbort,
+        finisher: Option<Abandoned>,
     ) -> ExchangeGuard {
         ExchangeGuard {
             admission,
             progress,
-            on_abort,
+            finisher,
         }
     }
 
@@ -199,19 +200,13 @@ impl Body for UpstreamBody {
 
 impl Drop for UpstreamBody {
     fn drop(&mut self) {
-        let (Some(guard), Some(body)) = (self.guard.take(), self.inner.take()) else {
+        let (Some(mut guard), Some(body)) = (self.guard.take(), self.inner.take()) else {
             return;
         };
-        if guard.on_abort == ClientAbort::Cancel {
-            // Dropping the body closes the upstream connection; the slot frees now.
-            return;
-        }
-        let lease = self.lease.take();
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => {
-                runtime.spawn(discard_rest(body, guard, lease));
-            }
-            Err(_) => tracing::debug!("No runtime to finish an abandoned exchange"),
+        // With `cancel`, dropping the body closes the upstream connection; the slot frees now.
+        if let Some(finisher) = guard.finisher.take() {
+            let lease = self.lease.take();
+            finisher.finish(discard_rest(body, guard, lease));
         }
     }
 }
