@@ -457,8 +457,10 @@ proptest! {
 struct Live {
     runtime: tokio::runtime::Runtime,
     addr: SocketAddr,
-    _app: support::Upstream,
+    app: support::Upstream,
     _tidegate: support::Tidegate,
+    /// Held for each exchange, so that the app's hits before and after are that exchange's.
+    turn: std::sync::Mutex<()>,
 }
 
 /// Panics on threads other than the test's own (tidegate's connection tasks).
@@ -499,8 +501,9 @@ fn live() -> &'static Live {
         Live {
             addr: tg.addr,
             runtime,
-            _app: app,
+            app,
             _tidegate: tg,
+            turn: std::sync::Mutex::new(()),
         }
     })
 }
@@ -563,6 +566,24 @@ fn mutate(base: &[u8], mutations: &[Mutation]) -> Vec<u8> {
     out
 }
 
+/// What one exchange with the live server gave: the response text, and how many requests
+/// reached the app meanwhile.
+struct Exchanged {
+    text: String,
+    forwarded: usize,
+}
+
+impl Live {
+    /// Sends `payload`, half-closes (as `nc` does), and reads until the server closes.
+    fn exchange(&self, payload: &[u8]) -> Result<Exchanged, String> {
+        let _turn = self.turn.lock().unwrap_or_else(|e| e.into_inner());
+        let before = self.app.hits.load(Ordering::SeqCst);
+        let text = self.runtime.block_on(exchange(self.addr, payload))?;
+        let forwarded = self.app.hits.load(Ordering::SeqCst) - before;
+        Ok(Exchanged { text, forwarded })
+    }
+}
+
 /// Sends `payload`, half-closes, and reads everything until the server closes.
 async fn exchange(addr: SocketAddr, payload: &[u8]) -> Result<String, String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -593,16 +614,19 @@ proptest! {
     ) {
         let live = live();
         let payload = mutate(REQUESTS[base], &mutations);
-        let text = live
-            .runtime
-            .block_on(exchange(live.addr, &payload))
-            .map_err(TestCaseError::fail)?;
-        for status in support::statuses(&text) {
-            prop_assert!(
-                status < 500,
-                "{status} for {:?}:\n{text}",
-                String::from_utf8_lossy(&payload)
-            );
+        let Exchanged { text, forwarded } =
+            live.exchange(&payload).map_err(TestCaseError::fail)?;
+        let statuses = support::statuses(&text);
+        let request = String::from_utf8_lossy(&payload);
+        for &status in &statuses {
+            prop_assert!(status < 500, "{status} for {request:?}:\n{text}");
+        }
+        // On the proxy path: what reached the app was answered, and only the app says 2xx.
+        if forwarded > 0 {
+            prop_assert!(!statuses.is_empty(), "forwarded, never answered: {request:?}");
+        }
+        if statuses.iter().any(|s| (200..300).contains(s)) {
+            prop_assert!(forwarded > 0, "a 2xx the app never gave for {request:?}:\n{text}");
         }
         prop_assert_eq!(SERVER_PANICS.load(Ordering::SeqCst), 0, "a connection task panicked");
         // Every so often, a valid request must still be served.
@@ -613,19 +637,29 @@ proptest! {
     }
 }
 
-/// The statuses a well-formed request gets (without a half-close: hyper treats a client's EOF
-/// as an abort of its pending request).
+/// The statuses a well-formed request gets.
 fn still_serving(live: &Live) -> Vec<u16> {
-    let (text, _) = live.runtime.block_on(support::raw_exchange(
-        live.addr,
-        b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-        Duration::from_secs(10),
-    ));
-    support::statuses(&text)
+    let exchanged = live
+        .exchange(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    support::statuses(&exchanged.text)
 }
 
 #[test]
 fn the_fuzzed_server_serves_valid_requests() {
     assert_eq!(still_serving(live()), [200]);
     assert_eq!(SERVER_PANICS.load(Ordering::SeqCst), 0);
+}
+
+/// The seeds themselves, sent the way the mutated ones are (then a half-close), reach the app
+/// and are answered by it: the fuzzing starts from requests that take the proxy path.
+#[test]
+fn every_seed_request_reaches_the_app() {
+    let live = live();
+    for request in REQUESTS {
+        let exchanged = live.exchange(request).unwrap();
+        let text = String::from_utf8_lossy(request);
+        assert_eq!(exchanged.forwarded, 1, "{text:?} never reached the app");
+        assert_eq!(support::statuses(&exchanged.text), [200], "{text:?}");
+    }
 }

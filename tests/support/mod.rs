@@ -857,9 +857,10 @@ pub async fn closed_within(stream: &mut tokio::net::TcpStream, within: Duration)
     start.elapsed()
 }
 
-/// The status codes of the HTTP/1.1 responses in `text`, in order.
+/// The status codes of the HTTP/1.x responses in `text`, in order.
 pub fn statuses(text: &str) -> Vec<u16> {
-    text.match_indices("HTTP/1.1 ")
+    text.match_indices("HTTP/1.")
+        .filter(|&(i, _)| matches!(text.get(i + 7..i + 9), Some("0 " | "1 ")))
         .filter_map(|(i, _)| text.get(i + 9..i + 12)?.parse().ok())
         .collect()
 }
