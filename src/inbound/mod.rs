@@ -41,7 +41,7 @@ pub use self::fds::raise_limit as raise_fd_limit;
 use self::hyper_service::HyperService;
 use self::metrics::{ConnectionMetrics, TimeoutReason};
 use self::sideline::Sideline;
-use crate::config::{ClientAbort, Config, LiveConfig};
+use crate::config::{Config, LiveConfig};
 use crate::drain::{Lifecycle, Phase};
 use crate::metrics::LabelValues;
 use crate::stack::ProxyStack;
@@ -113,9 +113,6 @@ struct ConnSettings {
     max_header_bytes: usize,
     max_headers: u32,
     h2_max_concurrent_streams: u32,
-    /// Whether an HTTP/1.1 client that shuts down its sending side after its request is
-    /// still answered: yes with `--on-client-abort finish`; with `cancel` it has left.
-    half_close: bool,
 }
 
 /// Accepts connections until the drain starts, spawning each on `connections`.
@@ -295,7 +292,6 @@ where
         // idle keep-alive connections after the head timeout.
         .header_read_timeout(None)
         .keep_alive(true)
-        .half_close(settings.half_close)
         .max_header_size(settings.max_header_bytes);
     if settings.max_headers != HYPER_DEFAULT_MAX_HEADERS {
         builder.max_headers(settings.max_headers as usize);
@@ -456,7 +452,6 @@ impl ConnSettings {
             max_header_bytes: a.max_header_bytes.as_u64() as usize,
             max_headers: a.max_headers,
             h2_max_concurrent_streams: a.h2_max_concurrent_streams,
-            half_close: a.on_client_abort == ClientAbort::Finish,
         }
     }
 }
