@@ -80,6 +80,11 @@ pub struct Args {
     #[arg(long, group = RESTART_ONLY, env = "TIDEGATE_UPSTREAM_HTTP2")]
     pub upstream_http2: bool,
 
+    /// With --upstream-http2: largest request body kept to send the request again when the app
+    /// refuses its stream or goes away before processing it; larger ones then get a 502
+    #[arg(long, env = "TIDEGATE_UPSTREAM_H2_RETRY_BODY", default_value = "64KiB", value_name = "SIZE", value_parser = parse_size)]
+    pub upstream_h2_retry_body: ByteSize,
+
     /// Time allowed to open a connection to the app (504 when exceeded)
     #[arg(long, env = "TIDEGATE_CONNECT_TIMEOUT", default_value = "2s", value_name = "DURATION", value_parser = parse_duration)]
     pub connect_timeout: Duration,

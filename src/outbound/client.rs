@@ -15,12 +15,16 @@ use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use prometheus::IntCounter;
 
+use super::goaway::ReadFirst;
 pub(crate) use super::pool::Lease;
 use super::pool::Pool;
 use super::{connect, replay};
 use crate::config::{LiveConfig, Upstream};
 use crate::error::BoxError;
 use crate::outbound::request_body::RequestBody;
+
+/// Most times one request is handed to HTTP/2 connections to the app.
+const HTTP2_ATTEMPTS: u32 = 3;
 
 /// Sends requests to the app. Cheap to clone; clones share the pool.
 #[derive(Clone, Debug)]
@@ -169,43 +173,75 @@ impl Client {
         }
     }
 
+    /// Sends `request` over the shared HTTP/2 connection. A request the app did not process
+    /// (its stream refused with `REFUSED_STREAM`, or above the last stream id of the app's
+    /// `GOAWAY`: RFC 9113 §8.7) is sent once more, on a new connection if this one is going
+    /// away, whatever its method; to make that possible its body is read ahead while it fits
+    /// in `--upstream-h2-retry-body`. One that never left (the connection was closing) is
+    /// handed to the next connection, within [`HTTP2_ATTEMPTS`].
     async fn send_http2(
         self,
         shared: Arc<tokio::sync::Mutex<Option<http2::SendRequest<RequestBody>>>>,
-        mut request: Request<RequestBody>,
+        request: Request<RequestBody>,
     ) -> Result<(Response<Incoming>, Option<Lease>), SendError> {
-        let mut retried = false;
+        let max_body = self.inner.live.peek().args.upstream_h2_retry_body.as_u64() as usize;
+        let (parts, body) = request.into_parts();
+        let buffered = body.buffer(max_body).await;
+        let mut again = buffered.copy.map(|body| (parts.clone(), body));
+        let mut request = Request::from_parts(parts, buffered.body);
+        // Sending again is bounded: once for a request the app did not process, and up to
+        // [`HTTP2_ATTEMPTS`] in all with those that never left (the connection was closing).
+        let mut attempts = 1;
         loop {
-            let (mut sender, reused) = {
-                let mut slot = shared.lock().await;
-                match slot.as_ref().filter(|sender| !sender.is_closed()) {
-                    Some(sender) => (sender.clone(), true),
-                    None => {
-                        let sender = self.open_http2().await?;
-                        *slot = Some(sender.clone());
-                        (sender, false)
-                    }
-                }
-            };
-            match sender.try_send_request(request).await {
+            let (mut sender, reused) = self.http2_sender(&shared).await?;
+            let mut error = match sender.try_send_request(request).await {
                 Ok(response) => return Ok((response, None)),
-                Err(mut error) => match error.take_message() {
-                    Some(unsent) if reused && !retried => {
-                        // The connection is going away (GOAWAY); the next one takes it.
-                        retried = true;
-                        request = unsent;
-                        let mut slot = shared.lock().await;
-                        if slot
-                            .as_ref()
-                            .is_some_and(|s| s.is_closed() || !s.is_ready())
-                        {
-                            *slot = None;
-                        }
+                Err(error) => error,
+            };
+            request = match error.take_message() {
+                // The connection is going away (GOAWAY) before the request went out: the next
+                // one takes it.
+                Some(unsent) if reused && attempts < HTTP2_ATTEMPTS => unsent,
+                Some(_) => return Err(SendError::Exchange(error.into_error())),
+                None => match again.take() {
+                    Some((parts, body))
+                        if attempts < HTTP2_ATTEMPTS
+                            && replay::unprocessed_by_http2_app(error.error()) =>
+                    {
+                        tracing::debug!(
+                            error = %error.error(),
+                            "The app did not process an HTTP/2 request; sending it again"
+                        );
+                        self.inner.replays.inc();
+                        Request::from_parts(parts, RequestBody::from_bytes(body))
                     }
                     _ => return Err(SendError::Exchange(error.into_error())),
                 },
+            };
+            attempts += 1;
+            let mut slot = shared.lock().await;
+            if slot
+                .as_ref()
+                .is_some_and(|s| s.is_closed() || !s.is_ready())
+            {
+                *slot = None;
             }
         }
+    }
+
+    /// The shared HTTP/2 connection, opened if there is none or it closed; and whether it was
+    /// reused.
+    async fn http2_sender(
+        &self,
+        shared: &tokio::sync::Mutex<Option<http2::SendRequest<RequestBody>>>,
+    ) -> Result<(http2::SendRequest<RequestBody>, bool), SendError> {
+        let mut slot = shared.lock().await;
+        if let Some(sender) = slot.as_ref().filter(|sender| !sender.is_closed()) {
+            return Ok((sender.clone(), true));
+        }
+        let sender = self.open_http2().await?;
+        *slot = Some(sender.clone());
+        Ok((sender, false))
     }
 
     async fn open_http1(&self) -> Result<http1::SendRequest<RequestBody>, SendError> {
@@ -223,7 +259,7 @@ impl Client {
     }
 
     async fn open_http2(&self) -> Result<http2::SendRequest<RequestBody>, SendError> {
-        let io = self.open_stream().await?;
+        let io = TokioIo::new(ReadFirst::new(self.open_stream().await?.into_inner()));
         let (mut sender, connection) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             // One stream until the app's SETTINGS say how many it takes. hyper would assume

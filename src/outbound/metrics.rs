@@ -9,7 +9,8 @@ pub struct UpstreamMetrics {
     /// `tidegate_upstream_errors_total{kind}`.
     pub upstream_errors: IntCounterVec,
     /// `tidegate_upstream_replays_total`: bodiless idempotent requests sent again on a new
-    /// connection after a reused one closed before answering (the keep-alive race).
+    /// connection after a reused one closed before answering (the keep-alive race), and
+    /// requests an HTTP/2 app refused or left unprocessed by its `GOAWAY`.
     pub upstream_replays: IntCounter,
     /// `tidegate_abandoned_exchanges`: exchanges whose client left, being finished in the
     /// background (`--on-client-abort finish`).

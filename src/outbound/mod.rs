@@ -6,6 +6,7 @@ mod abandoned;
 pub(crate) mod client;
 pub(crate) mod connect;
 mod deadline;
+mod goaway;
 pub mod headers;
 pub(crate) mod metrics;
 mod pool;

@@ -1,3 +1,5 @@
+//! Requests sent again after a failure that says the app never processed them.
+//!
 //! The keep-alive race: an app closes an idle HTTP/1.1 connection (its keep-alive timeout)
 //! just as tidegate writes a request onto it. The request is lost in the app's closed socket
 //! and the connection ends with no answer, which would reach the client as a 502 although the
@@ -9,6 +11,9 @@
 //! connection idle for [`AT_RISK_AFTER`] or longer. A request with a body is not replayed (the
 //! body has been streamed out and is gone), nor is one sent on a connection that was new,
 //! whose failure says something about the app rather than about a stale connection.
+//!
+//! An HTTP/2 app says so itself: a stream it refuses (`REFUSED_STREAM`) or one above the last
+//! stream id of its `GOAWAY` was never processed ([`unprocessed_by_http2_app`]).
 
 use std::future::Future;
 use std::io;
@@ -95,6 +100,16 @@ pub(super) fn closed_before_answer(error: &hyper::Error) -> bool {
                 | io::ErrorKind::UnexpectedEof
         )
     })
+}
+
+/// Whether `error`, from a request sent to an HTTP/2 app, says the app did not process it:
+/// its stream was refused (`REFUSED_STREAM`), or it was above the last stream id of the app's
+/// `GOAWAY`. Either may be sent again, whatever its method (RFC 9113 §8.7).
+pub(super) fn unprocessed_by_http2_app(error: &hyper::Error) -> bool {
+    let Some(h2) = crate::error::find_cause::<h2::Error>(error) else {
+        return false;
+    };
+    h2.is_remote() && (h2.is_go_away() || h2.reason() == Some(h2::Reason::REFUSED_STREAM))
 }
 
 #[cfg(test)]
