@@ -7,8 +7,10 @@
 1. saturation: a gunicorn app with sync workers (a slow route standing in for the 3-minute
    one, a fast route, a health route) under an overload burst of retrying clients, probed like
    kubelet (period, 1 s timeout, failure threshold 3; a tripped liveness probe restarts the
-   app after a realistic start-up time). Variants: the app alone, behind HAProxy configured as
-   a sidecar (maxconn, timeout queue), and behind tidegate.
+   app after a realistic start-up time). Variants: the app alone; behind a HAProxy sidecar
+   (maxconn, timeout queue) with the probes sent through it to the app (haproxy-passthrough,
+   full run only); behind a HAProxy sidecar configured as its documentation has it, answering
+   the probes itself with monitor-uri on frontends of their own (haproxy); behind tidegate.
 2. rolling: a front HAProxy health-checking each replica's readiness, and dropping a
    terminating replica `lb_lag` seconds after its termination starts, like endpoint
    propagation; replicas whose app dies at once on SIGTERM; a kubelet-like rollout (surge one, wait
@@ -197,8 +199,33 @@ def client(port, path, until, timeline, kind, results):
             time.sleep(0.1)  # clients that retry, after a short pause
 
 
+def haproxy_sidecar(procs, tmp, front, app_port, workers, probes=None):
+    """A HAProxy sidecar: one server slot per worker (maxconn), excess requests queued for at
+    most `timeout queue`. With `probes` = (live_port, ready_port) HAProxy answers the probes
+    itself, as its manual has it (monitor-uri, monitor fail), each on a frontend of its own so
+    that a probe never waits in the app's queue: liveness says HAProxy is up; readiness fails
+    while the app's server is DOWN, which a layer-4 check (connect, every second, fall 3) sees
+    when the app does not listen. Without `probes` they are sent through it like the traffic."""
+    check = ""
+    monitor = ""
+    if probes:
+        live, ready = probes
+        check = " check inter 1s fall 3 rise 2"
+        monitor = (f"frontend live\n    bind 127.0.0.1:{live}\n    monitor-uri /livez\n"
+                   f"frontend ready\n    bind 127.0.0.1:{ready}\n    monitor-uri /readyz\n"
+                   f"    monitor fail if {{ nbsrv(app) lt 1 }}\n")
+    cfg = pathlib.Path(tmp) / "haproxy.cfg"
+    cfg.write_text(
+        "global\n    maxconn 4000\n    stats socket " + str(pathlib.Path(tmp) / "admin.sock") + " level admin\n"
+        "defaults\n    mode http\n    timeout connect 1s\n    timeout client 60s\n    timeout server 60s\n"
+        f"    timeout queue 1s\n    retries 0\n"
+        f"frontend fe\n    bind 127.0.0.1:{front}\n    default_backend app\n"
+        f"backend app\n    server app 127.0.0.1:{app_port} maxconn {workers}{check}\n{monitor}")
+    procs.start(["haproxy", "-db", "-f", str(cfg)])
+
+
 def saturation_variant(name, args, tidegate_bin, procs):
-    app_port, front_port, admin_port = free_port(), free_port(), free_port()
+    app_port, front_port, admin_port, probe_port = free_port(), free_port(), free_port(), free_port()
     release_ports()
     app = App(procs, app_port, args.workers, args.slow, args.startup)
     app.start()
@@ -207,19 +234,19 @@ def saturation_variant(name, args, tidegate_bin, procs):
     live_port, live_path = app_port, "/health"
     ready_port, ready_path = app_port, "/health"
     tmp = tempfile.mkdtemp(prefix="tidegate-scenario-")
-    if name == "haproxy":
+    if name == "haproxy-passthrough":
         front = front_port
-        cfg = pathlib.Path(tmp) / "haproxy.cfg"
-        cfg.write_text(
-            "global\n    maxconn 4000\n    stats socket " + str(pathlib.Path(tmp) / "admin.sock") + " level admin\n"
-            "defaults\n    mode http\n    timeout connect 1s\n    timeout client 60s\n    timeout server 60s\n"
-            f"    timeout queue 1s\n    retries 0\n"
-            f"frontend fe\n    bind 127.0.0.1:{front}\n    default_backend app\n"
-            f"backend app\n    server app 127.0.0.1:{app_port} maxconn {args.workers}\n")
-        procs.start(["haproxy", "-db", "-f", str(cfg)])
+        haproxy_sidecar(procs, tmp, front, app_port, args.workers)
         wait_http(front, "/health")
-        # A sidecar HAProxy has no lane of its own: probes go through it like traffic.
+        # The probes go through HAProxy to the app's /health, like the traffic.
         live_port = ready_port = front
+    elif name == "haproxy":
+        front = front_port
+        haproxy_sidecar(procs, tmp, front, app_port, args.workers, probes=(admin_port, probe_port))
+        wait_http(front, "/health")
+        wait_http(probe_port, "/readyz")
+        live_port, live_path = admin_port, "/livez"
+        ready_port, ready_path = probe_port, "/readyz"
     elif name == "tidegate":
         front, admin = front_port, admin_port
         procs.start([tidegate_bin, "--listen", f"127.0.0.1:{front}", "--admin-listen", f"127.0.0.1:{admin}",
@@ -548,15 +575,19 @@ def main():
     failures = []
     try:
         if args.only in (None, "saturation"):
-            rows = [saturation_variant(v, sat, args.tidegate, procs) for v in ("app-alone", "haproxy", "tidegate")]
+            # haproxy-passthrough behaves as the app alone (its probes queue with the traffic);
+            # the short version leaves it out to keep CI's time.
+            variants = ("app-alone", "haproxy", "tidegate") if short else (
+                "app-alone", "haproxy-passthrough", "haproxy", "tidegate")
+            rows = [saturation_variant(v, sat, args.tidegate, procs) for v in variants]
             print(f"\nsaturation: {sat.workers} sync workers, /slow {sat.slow}s, {sat.slow_clients} retrying clients "
                   f"for {sat.burst}s, probes every {sat.period}s (1 s timeout, threshold 3)")
             print("(fast ok% and fast p99 over the fast-route requests sent during the burst)")
-            print(f"{'variant':<10} {'probe ok%':>9} {'restarts':>8} {'fast ok%':>8} {'fast p99 ms':>11} "
+            print(f"{'variant':<19} {'probe ok%':>9} {'restarts':>8} {'fast ok%':>8} {'fast p99 ms':>11} "
                   f"{'slow ok/s':>9} {'shed p99 ms':>11} {'recover s':>9}")
             for r in rows:
                 rec = "-" if r["recover_s"] is None else f"{r['recover_s']:.0f}"
-                print(f"{r['variant']:<10} {r['probe_ok_pct']:>9.1f} {r['restarts']:>8} {r['fast_ok_pct']:>8.1f} "
+                print(f"{r['variant']:<19} {r['probe_ok_pct']:>9.1f} {r['restarts']:>8} {r['fast_ok_pct']:>8.1f} "
                       f"{r['fast_p99_ms']:>11.0f} {r['slow_goodput']:>9.2f} {r['shed_p99_ms']:>11.0f} {rec:>9}")
             plot(rows, [("slow_offered", "slow offered"), ("slow_served", "slow served"), ("slow_shed", "shed (503)"),
                         ("fast_served", "fast served"), ("fast_error", "fast failed")],
