@@ -1,5 +1,6 @@
-//! The saturation incident with a real gunicorn (sync workers), installed by `.ci/run`:
-//! probes aimed at the app fail under a burst of slow requests; behind tidegate none do.
+//! A real gunicorn, installed by `.ci/run`. The saturation incident (sync workers): probes
+//! aimed at the app fail under a burst of slow requests; behind tidegate none do. And the
+//! keep-alive race (gthread workers): POSTs paced at its keep-alive timeout get no 502.
 
 mod support;
 
@@ -21,6 +22,11 @@ impl Drop for Gunicorn {
 }
 
 fn start_gunicorn(port: u16, workers: usize) -> Gunicorn {
+    start_gunicorn_with(port, workers, &[])
+}
+
+/// [`start_gunicorn`] with `extra` arguments (a worker class, its keep-alive).
+fn start_gunicorn_with(port: u16, workers: usize, extra: &[&str]) -> Gunicorn {
     let child = Command::new("python3")
         .args([
             "-m",
@@ -35,6 +41,7 @@ fn start_gunicorn(port: u16, workers: usize) -> Gunicorn {
             "60",
             "app:app",
         ])
+        .args(extra)
         .env("SLOW_SECONDS", "1.5")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -199,4 +206,31 @@ async fn gunicorn_saturation_probes_fail_alone_and_pass_behind_tidegate() {
         "gunicorn alone: {bare:?}; behind tidegate: {stats:?}; fast {fast_ok}/{}",
         fast_seen.len()
     );
+}
+
+/// The keep-alive race with a real server: gunicorn's gthread workers keep an idle connection
+/// open for `--keep-alive` (2 s, its default) and close it from their event loop, without
+/// looking at what may be arriving. POSTs (which tidegate cannot send again) paced at 1.8 to
+/// 2.7 s of idleness, through tidegate with its defaults, all get their 200: pooled
+/// connections retire at 1.5 s, before gunicorn closes them. (The race's window is narrow and
+/// gunicorn's close time spreads over its loop's 1 s tick, so this run rarely meets it even
+/// without that default; `tests/pool.rs` meets it on purpose.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn posts_paced_at_gunicorns_keep_alive_timeout_get_no_502() {
+    let port = free_port();
+    let gthread = ["-k", "gthread", "--threads", "2", "--keep-alive", "2"];
+    let _app = start_gunicorn_with(port, 1, &gthread);
+    wait_serving(port).await;
+    let tg = tidegate(format!("127.0.0.1:{port}"), &[]).await;
+    let client = client();
+    for i in 0..10u64 {
+        let request = http::Request::post(tg.url("/fast"))
+            .body(full("posted"))
+            .unwrap();
+        let (status, _, body) = send(&client, request).await.unwrap();
+        assert_eq!(status, StatusCode::OK, "POST {i}: {body}");
+        // Not synchronisation: the connection's idle time is the condition under test.
+        tokio::time::sleep(Duration::from_millis(1800 + i * 100)).await;
+    }
+    assert_eq!(tg.metrics.upstream.upstream_replays.get(), 0);
 }

@@ -91,7 +91,7 @@ pub struct Args {
 
     /// Close a pooled connection to the app after it has been idle this long; keep it below
     /// the app's own keep-alive timeout. `0s` opens a connection per request
-    #[arg(long, env = "TIDEGATE_UPSTREAM_IDLE_TIMEOUT", default_value = "30s", value_name = "DURATION", value_parser = parse_duration)]
+    #[arg(long, env = "TIDEGATE_UPSTREAM_IDLE_TIMEOUT", default_value = "1500ms", value_name = "DURATION", value_parser = parse_duration)]
     pub upstream_idle_timeout: Duration,
 
     /// Time allowed for the app's response head per request (504 when exceeded) [default: none]

@@ -13,11 +13,11 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use prometheus::IntCounter;
+use prometheus::{Gauge, IntCounter};
 
 use super::goaway::ReadFirst;
 pub(crate) use super::pool::Lease;
-use super::pool::Pool;
+use super::pool::{IdleSince, Pool};
 use super::{connect, replay};
 use crate::config::{LiveConfig, Upstream};
 use crate::error::BoxError;
@@ -70,13 +70,14 @@ enum Protocol {
 impl Client {
     /// A client for the app in `live`'s config (fixed at start, as is the protocol:
     /// `http2` for `--upstream-http2`); the connect timeout is read per connection. `replays`
-    /// counts the requests sent again after the keep-alive race.
-    pub(crate) fn new(live: LiveConfig, replays: IntCounter) -> Client {
+    /// counts the requests sent again; `keepalive` shows the app's keep-alive timeout as the
+    /// pool knows it.
+    pub(crate) fn new(live: LiveConfig, replays: IntCounter, keepalive: Gauge) -> Client {
         let config = live.load();
         let protocol = if config.args.upstream_http2 {
             Protocol::Http2(Arc::new(tokio::sync::Mutex::new(None)))
         } else {
-            Protocol::Http1(Arc::new(Pool::new(live.clone())))
+            Protocol::Http1(Arc::new(Pool::new(live.clone(), keepalive)))
         };
         Client {
             inner: Arc::new(Inner {
@@ -127,13 +128,13 @@ impl Client {
     ) -> Result<(Response<Incoming>, Option<Lease>), SendError> {
         // Idle connections first; what breaks out of the loop goes on a new connection.
         let on_new = loop {
-            let Some((mut sender, idle_for)) = pool.checkout() else {
+            let Some((mut sender, stamp, idle_for)) = pool.checkout() else {
                 break request;
             };
             let (sending, replay) = replay::hand_over(&mut sender, request, idle_for);
             match sending.await {
                 Ok(response) => {
-                    let lease = Lease::new(sender, pool, response.headers());
+                    let lease = Lease::new(sender, stamp, pool, response.headers());
                     return Ok((response, Some(lease)));
                 }
                 Err(mut error) => match (error.take_message(), replay) {
@@ -163,10 +164,11 @@ impl Client {
         pool: Arc<Pool>,
         request: Request<RequestBody>,
     ) -> Result<(Response<Incoming>, Option<Lease>), SendError> {
-        let mut sender = self.open_http1().await?;
+        let stamp = IdleSince::default();
+        let mut sender = self.open_http1(&pool, stamp.clone()).await?;
         match sender.try_send_request(request).await {
             Ok(response) => {
-                let lease = Lease::new(sender, pool, response.headers());
+                let lease = Lease::new(sender, stamp, pool, response.headers());
                 Ok((response, Some(lease)))
             }
             Err(error) => Err(SendError::Exchange(error.into_error())),
@@ -244,15 +246,25 @@ impl Client {
         Ok((sender, false))
     }
 
-    async fn open_http1(&self) -> Result<http1::SendRequest<RequestBody>, SendError> {
+    /// Opens a connection for `pool`; its task tells the pool when the app closes it while it
+    /// is idle there (`stamp`).
+    async fn open_http1(
+        &self,
+        pool: &Arc<Pool>,
+        stamp: IdleSince,
+    ) -> Result<http1::SendRequest<RequestBody>, SendError> {
         let io = self.open_stream().await?;
         let (sender, connection) = http1::Builder::new()
             .handshake(io)
             .await
             .map_err(SendError::Handshake)?;
+        let pool = Arc::downgrade(pool);
         tokio::spawn(async move {
             if let Err(error) = connection.with_upgrades().await {
                 tracing::debug!(%error, "Connection to the app ended with an error");
+            }
+            if let Some(pool) = pool.upgrade() {
+                pool.app_closed(&stamp);
             }
         });
         Ok(sender)

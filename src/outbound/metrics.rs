@@ -1,6 +1,6 @@
 //! The client side's families: failures talking to the app.
 
-use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{Gauge, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 use crate::metrics::{LabelValues, MetricsError, reg};
 /// The client side: failures talking to the app.
@@ -12,6 +12,10 @@ pub struct UpstreamMetrics {
     /// connection after a reused one closed before answering (the keep-alive race), and
     /// requests an HTTP/2 app refused or left unprocessed by its `GOAWAY`.
     pub upstream_replays: IntCounter,
+    /// `tidegate_upstream_keepalive_seconds`: the app's keep-alive timeout as tidegate knows
+    /// it, announced (`Keep-Alive: timeout=N`) or learned from the idle connections it closed;
+    /// 0 while unknown. Pooled connections close after three quarters of it.
+    pub upstream_keepalive: Gauge,
     /// `tidegate_abandoned_exchanges`: exchanges whose client left, being finished in the
     /// background (`--on-client-abort finish`).
     pub abandoned: IntGauge,
@@ -65,6 +69,14 @@ impl UpstreamMetrics {
                     "tidegate_upstream_replays_total",
                     "Requests sent again on a new connection after a reused one closed before \
                      answering",
+                )?,
+            )?,
+            upstream_keepalive: reg(
+                r,
+                Gauge::new(
+                    "tidegate_upstream_keepalive_seconds",
+                    "The app's keep-alive timeout, announced or learned from its idle closes; \
+                     0 while unknown",
                 )?,
             )?,
             abandoned: reg(

@@ -121,7 +121,11 @@ impl Proxy {
         requests: Arc<RequestMetrics>,
         background: TaskTracker,
     ) -> Proxy {
-        let client = Client::new(live.clone(), metrics.upstream_replays.clone());
+        let client = Client::new(
+            live.clone(),
+            metrics.upstream_replays.clone(),
+            metrics.upstream_keepalive.clone(),
+        );
         let abandoned = Abandoned::new(live.clone(), background.clone(), metrics.clone());
         let authority = client.is_http2().then(|| match &live.load().args.upstream {
             Upstream::Tcp { authority } => authority.clone(),

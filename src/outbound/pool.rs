@@ -4,10 +4,14 @@
 //! end), so every connection on the stack is between messages. The most recently used is taken
 //! first: after a burst, the extra connections stay at the bottom and age out.
 //!
-//! Connections idle longer than `--upstream-idle-timeout` are closed, and never taken. An app
-//! that announces its own keep-alive timeout (`Keep-Alive: timeout=N` on its responses, as
-//! Node.js and Apache do) shortens that to three quarters of what it announced, so tidegate
-//! stops using a connection before the app closes it.
+//! Connections idle longer than `--upstream-idle-timeout` are closed, and never taken. The
+//! default (1.5 s) is below the keep-alive timeouts of common app servers (gunicorn 2 s,
+//! uvicorn, Node.js and Apache 5 s), so tidegate stops using a connection before the app
+//! closes it: a request written just as the app closes its end would be lost (the keep-alive
+//! race). Two things shorten it further, to three quarters of the app's own timeout: an app
+//! that announces it (`Keep-Alive: timeout=N` on its responses, as Node.js and Apache do), and
+//! an app seen closing a connection that sat idle in the pool (its timeout is then learned
+//! from how long that connection had been idle).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -16,6 +20,7 @@ use std::time::Duration;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 use hyper::client::conn::http1::SendRequest;
+use prometheus::Gauge;
 use tokio::time::Instant;
 
 use crate::config::LiveConfig;
@@ -29,6 +34,10 @@ const REAP_EVERY: Duration = Duration::from_secs(10);
 /// `Keep-Alive`, in which an app may announce its keep-alive timeout.
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 
+/// Idle closes by the app shorter than this are not taken for its keep-alive timeout (an app
+/// closing right after a response without saying so is not timing idleness out).
+const LEARN_FLOOR: Duration = Duration::from_millis(10);
+
 /// The idle connections of one upstream (one per runtime in per-thread mode).
 #[derive(Debug)]
 pub(super) struct Pool {
@@ -38,6 +47,13 @@ pub(super) struct Pool {
     live: LiveConfig,
     /// The keep-alive timeout the app last announced, in milliseconds; `u64::MAX` if none.
     announced_ms: AtomicU64,
+    /// The shortest idle time after which the app was seen closing a connection, in
+    /// milliseconds; `u64::MAX` if never.
+    learned_ms: AtomicU64,
+    /// Origin of the [`IdleSince`] stamps.
+    epoch: Instant,
+    /// `tidegate_upstream_keepalive_seconds`.
+    keepalive: Gauge,
     reaper_started: AtomicBool,
 }
 
@@ -45,7 +61,14 @@ pub(super) struct Pool {
 struct Idle {
     sender: SendRequest<RequestBody>,
     since: Instant,
+    stamp: IdleSince,
 }
+
+/// When a connection was put in the pool, in microseconds after the pool's epoch plus one;
+/// 0 while it is lent out or once the pool let it go. Shared with the connection's task, which
+/// reads it when the app closes the connection.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct IdleSince(Arc<AtomicU64>);
 
 /// An HTTP/1.1 connection lent to one exchange. [`Lease::release`] puts it back once the
 /// response has been read to its end; dropping it instead closes the connection (hyper closes
@@ -53,18 +76,22 @@ struct Idle {
 #[derive(Debug)]
 pub(crate) struct Lease {
     sender: SendRequest<RequestBody>,
+    stamp: IdleSince,
     pool: Arc<Pool>,
 }
 
 // === impl Pool ===
 
 impl Pool {
-    /// An empty pool; `live` gives the idle timeout.
-    pub(super) fn new(live: LiveConfig) -> Pool {
+    /// An empty pool; `live` gives the idle timeout, `keepalive` shows the app's.
+    pub(super) fn new(live: LiveConfig, keepalive: Gauge) -> Pool {
         Pool {
             idle: Mutex::new(VecDeque::new()),
             live,
             announced_ms: AtomicU64::new(u64::MAX),
+            learned_ms: AtomicU64::new(u64::MAX),
+            epoch: Instant::now(),
+            keepalive,
             reaper_started: AtomicBool::new(false),
         }
     }
@@ -74,7 +101,7 @@ impl Pool {
     /// none is taken that the reaper has not yet come to. Closed connections met on the way
     /// are dropped; those whose connection task has not yet caught up with the end of their
     /// last exchange are moved to the bottom, for later.
-    pub(super) fn checkout(&self) -> Option<(SendRequest<RequestBody>, Duration)> {
+    pub(super) fn checkout(&self) -> Option<(SendRequest<RequestBody>, IdleSince, Duration)> {
         let timeout = self.timeout();
         let now = Instant::now();
         let mut idle = self.lock();
@@ -82,7 +109,9 @@ impl Pool {
         for _ in 0..idle.len() {
             let entry = idle.pop_back()?;
             if entry.sender.is_ready() {
-                return Some((entry.sender, now.saturating_duration_since(entry.since)));
+                entry.stamp.clear();
+                let idle_for = now.saturating_duration_since(entry.since);
+                return Some((entry.sender, entry.stamp, idle_for));
             }
             if !entry.sender.is_closed() {
                 idle.push_front(entry);
@@ -91,16 +120,41 @@ impl Pool {
         None
     }
 
+    /// The app closed a connection that had been idle in the pool since `stamp`: its
+    /// keep-alive timeout is at most that long.
+    pub(super) fn app_closed(&self, stamp: &IdleSince) {
+        let Some(since) = stamp.get(self.epoch) else {
+            return;
+        };
+        let idle_for = Instant::now().saturating_duration_since(since);
+        if idle_for < LEARN_FLOOR {
+            return;
+        }
+        let ms = idle_for.as_millis() as u64;
+        if self.learned_ms.fetch_min(ms, Ordering::Relaxed) > ms {
+            self.show_keepalive();
+            tracing::debug!(
+                idle_ms = ms,
+                "The app closed an idle connection; idle connections to it close earlier"
+            );
+        }
+    }
+
     /// Puts `sender` back on the stack, and closes connections idle for too long.
-    fn put(self: &Arc<Self>, sender: SendRequest<RequestBody>) {
+    fn put(self: &Arc<Self>, sender: SendRequest<RequestBody>, stamp: IdleSince) {
         let timeout = self.timeout();
         if sender.is_closed() || timeout.is_zero() {
             return;
         }
         let now = Instant::now();
+        stamp.set(self.epoch, now);
         {
             let mut idle = self.lock();
-            idle.push_back(Idle { sender, since: now });
+            idle.push_back(Idle {
+                sender,
+                since: now,
+                stamp,
+            });
             expire(&mut idle, now, timeout);
         }
         // Read first: once started, the flag is never written again on this per-request path.
@@ -124,6 +178,7 @@ impl Pool {
         };
         let ms = seconds.saturating_mul(1000);
         if self.announced_ms.swap(ms, Ordering::Relaxed) != ms {
+            self.show_keepalive();
             tracing::debug!(
                 seconds,
                 "The app announces a keep-alive timeout; idle connections to it close earlier"
@@ -132,13 +187,31 @@ impl Pool {
     }
 
     /// How long a connection may stay idle: `--upstream-idle-timeout` as it is now (reloads
-    /// apply), or three quarters of the keep-alive timeout the app announced, if shorter.
-    fn timeout(&self) -> Duration {
+    /// apply), or three quarters of the app's keep-alive timeout, announced or learned, if
+    /// shorter.
+    pub(super) fn timeout(&self) -> Duration {
         let configured = self.live.peek().args.upstream_idle_timeout;
-        match self.announced_ms.load(Ordering::Relaxed) {
+        let app = self
+            .announced_ms
+            .load(Ordering::Relaxed)
+            .min(self.learned_ms.load(Ordering::Relaxed));
+        match app {
             u64::MAX => configured,
             ms => configured.min(Duration::from_millis(ms / 4 * 3)),
         }
+    }
+
+    /// Exports the app's keep-alive timeout as known now.
+    fn show_keepalive(&self) {
+        let ms = self
+            .announced_ms
+            .load(Ordering::Relaxed)
+            .min(self.learned_ms.load(Ordering::Relaxed));
+        self.keepalive.set(if ms == u64::MAX {
+            0.0
+        } else {
+            ms as f64 / 1000.0
+        });
     }
 
     fn lock(&self) -> MutexGuard<'_, VecDeque<Idle>> {
@@ -168,7 +241,30 @@ fn expire(idle: &mut VecDeque<Idle>, now: Instant, timeout: Duration) {
         .front()
         .is_some_and(|entry| now.saturating_duration_since(entry.since) >= timeout)
     {
-        idle.pop_front();
+        if let Some(entry) = idle.pop_front() {
+            // Closed by tidegate, not by the app: nothing to learn from its end.
+            entry.stamp.clear();
+        }
+    }
+}
+
+// === impl IdleSince ===
+
+impl IdleSince {
+    fn set(&self, epoch: Instant, now: Instant) {
+        let micros = now.saturating_duration_since(epoch).as_micros() as u64;
+        self.0.store(micros + 1, Ordering::Relaxed);
+    }
+
+    fn clear(&self) {
+        self.0.store(0, Ordering::Relaxed);
+    }
+
+    fn get(&self, epoch: Instant) -> Option<Instant> {
+        match self.0.load(Ordering::Relaxed) {
+            0 => None,
+            stamp => Some(epoch + Duration::from_micros(stamp - 1)),
+        }
     }
 }
 
@@ -194,11 +290,16 @@ impl Lease {
     /// `headers`; the pool heeds the keep-alive timeout the app may announce in them.
     pub(super) fn new(
         sender: SendRequest<RequestBody>,
+        stamp: IdleSince,
         pool: Arc<Pool>,
         headers: &HeaderMap,
     ) -> Lease {
         pool.heed_keep_alive(headers);
-        Lease { sender, pool }
+        Lease {
+            sender,
+            stamp,
+            pool,
+        }
     }
 
     /// The exchange is over: the connection goes back to the pool. Its task may not have
@@ -206,13 +307,17 @@ impl Lease {
     /// the next message happen in different tasks); then a small task puts it back once it
     /// is ready, or drops it if it closes instead (the app said `Connection: close`).
     pub(crate) fn release(self) {
-        let Lease { mut sender, pool } = self;
+        let Lease {
+            mut sender,
+            stamp,
+            pool,
+        } = self;
         if sender.is_ready() {
-            pool.put(sender);
+            pool.put(sender, stamp);
         } else if !sender.is_closed() {
             tokio::spawn(async move {
                 if sender.ready().await.is_ok() {
-                    pool.put(sender);
+                    pool.put(sender, stamp);
                 }
             });
         }
