@@ -303,9 +303,11 @@ async fn reload_under_load_changes_limits_without_failures() {
     for t in held {
         assert_eq!(t.await.unwrap().unwrap().0, StatusCode::OK);
     }
-    // Still proxying over HTTP/1.1 to the app: the restart-only change was not applied.
+    // Still proxying over HTTP/1.1 to the app (which would take HTTP/2 as well): the
+    // restart-only change was not applied.
     let r = get(&format!("http://{}/free", bin.addr)).await.unwrap();
     assert_eq!(r.0, StatusCode::OK, "{r:?}");
+    assert_eq!(r.1["x-app-saw"], "HTTP/1.1", "{r:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -79,9 +79,12 @@ async fn probes_answer_fast_while_proxy_and_app_are_saturated() {
     for t in flood {
         t.await.unwrap();
     }
+    // Queued behind the flood, a probe would wait for the held requests (never answered
+    // here) and time out. The bound is half kubelet's default probe timeout (1 s), so
+    // scheduling on a loaded machine does not decide it; typical times are far lower.
     for (path, max) in &latencies {
         assert!(
-            *max < Duration::from_millis(100),
+            *max < Duration::from_millis(500),
             "{path} took up to {max:?}"
         );
     }
@@ -530,8 +533,10 @@ async fn livez_fails_when_the_proxy_runtime_is_stuck() {
         .await
         .unwrap()
         .expect("/livez must fail while the proxy runtime is stuck");
+    // Answered while the proxy runtime is still blocked (for 1.5 s), within half kubelet's
+    // default probe timeout.
     assert!(
-        answered_in < Duration::from_millis(100),
+        answered_in < Duration::from_millis(500),
         "the admin lane still answers fast: {answered_in:?}"
     );
     let url = tg.admin_url("/livez");

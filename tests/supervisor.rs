@@ -48,7 +48,13 @@ async fn child_gets_sigterm_only_after_the_drain_and_its_exit_code_passes_throug
         let url = format!("http://{}/slow", bin.addr);
         tokio::spawn(async move { get(&url).await })
     };
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let admin = bin.admin;
+    eventually_async(
+        "the slow request at the child",
+        Duration::from_secs(10),
+        || async move { metric(admin, "tidegate_in_flight").await == Some(1.0) },
+    )
+    .await;
     bin.signal(Signal::SIGTERM);
     let admin = bin.admin;
     eventually_async("not ready", Duration::from_secs(2), || async move {
@@ -152,29 +158,62 @@ async fn orphaned_grandchild_is_reaped() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A child that dies on its own takes the pod out of service: readiness fails at once (the
+/// delay is skipped: nothing is left to serve), the request in flight to the app is still
+/// answered by the drain, and tidegate exits with the child's code.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn child_dying_on_its_own_fails_readiness_and_exits_with_its_code() {
-    let upstream = ok_upstream().await;
+    let gate = Gate::start().await;
+    let dir = scratch("dies");
+    let go = dir.join("go");
+    let script = format!(
+        "while [ ! -e {} ]; do sleep 0.05; done; exit 5",
+        go.display()
+    );
     let mut bin = Binary::start_with(
-        &format!("http://{}", upstream.addr),
-        &["--shutdown-delay", "30s"],
-        &["sh", "-c", "sleep 1; exit 5"],
+        &format!("http://{}", gate.addr()),
+        &["--shutdown-delay", "30s", "--drain-timeout", "20s"],
+        &["sh", "-c", &script],
         |_| {},
     );
     wait_admin_ready(bin.admin).await;
+    let held = {
+        let url = format!("http://{}/held", bin.addr);
+        tokio::spawn(async move { get(&url).await })
+    };
+    gate.wait_arrived(1).await;
     let start = Instant::now();
+    std::fs::write(&go, "").unwrap(); // the child exits
+    let admin = bin.admin;
+    eventually_async(
+        "readiness failing",
+        Duration::from_secs(10),
+        || async move {
+            get(&format!("http://{admin}/readyz")).await.map(|r| r.0)
+                == Ok(StatusCode::SERVICE_UNAVAILABLE)
+        },
+    )
+    .await;
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "the 30 s delay is skipped for a dead app"
+    );
+    gate.release(1);
+    let (status, _, body) = held.await.unwrap().unwrap();
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "the request in flight is answered: {body}"
+    );
     let (code, log) = tokio::task::spawn_blocking(move || {
-        let code = bin.wait_exit(Duration::from_secs(15));
+        let code = bin.wait_exit(Duration::from_secs(20));
         (code, bin.log())
     })
     .await
     .unwrap();
     assert_eq!(code, 5, "{log}");
     assert!(log.contains("App exited on its own"), "{log}");
-    assert!(
-        start.elapsed() < Duration::from_secs(10),
-        "the 30 s delay is skipped for a dead app"
-    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

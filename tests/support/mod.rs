@@ -327,7 +327,13 @@ impl Gate {
             let (a, f, r, n) = (a.clone(), f.clone(), r.clone(), n.clone());
             async move {
                 if req.uri().path().starts_with("/free") {
-                    return Response::new(full("free"));
+                    // Says which protocol reached the app.
+                    let mut response = Response::new(full("free"));
+                    let version = format!("{:?}", req.version());
+                    response
+                        .headers_mut()
+                        .insert("x-app-saw", version.parse().unwrap());
+                    return response;
                 }
                 a.fetch_add(1, Ordering::SeqCst);
                 n.notify_waiters();
