@@ -408,6 +408,31 @@ async fn http2_to_the_app_shares_one_connection_from_the_first_burst() {
 /// again if they close unanswered (50 ms), with a margin.
 const AT_RISK: Duration = Duration::from_millis(80);
 
+/// Sends up to `count` requests made by `request` (through a tidegate), within `within`, each
+/// paced to come about when the app's `idle` keep-alive timeout fires (from 2 ms before to
+/// 2 ms after), so many land at the edge. How many were sent, and which failed with what.
+async fn paced_at_the_edge(
+    idle: Duration,
+    count: usize,
+    within: Duration,
+    request: impl Fn() -> Request<Body>,
+) -> (usize, Vec<(usize, StatusCode)>) {
+    let client = client();
+    let mut failed = Vec::new();
+    let started = Instant::now();
+    let mut sent = 0;
+    while sent < count && started.elapsed() < within {
+        let jitter = Duration::from_micros((sent as u64 * 7919) % 4000);
+        tokio::time::sleep(idle - Duration::from_millis(2) + jitter).await;
+        let (status, _, _) = send(&client, request()).await.unwrap();
+        if status != StatusCode::OK {
+            failed.push((sent, status));
+        }
+        sent += 1;
+    }
+    (sent, failed)
+}
+
 /// The keep-alive race, as it happens: requests that reach an idle app connection just as
 /// the app's keep-alive timeout closes it. Each is sent again on a new connection, so none
 /// gets a 502. (Without the replay, 3, 2 and 0 of the 200 got one in three runs.)
@@ -416,22 +441,10 @@ async fn requests_at_the_apps_keep_alive_timeout_get_no_502() {
     const IDLE: Duration = AT_RISK;
     let app = raw_app(Conduct::KeepAliveTimeout(IDLE)).await;
     let tg = tidegate(app.addr, &[]).await;
-    let client = client();
-    let mut failed = Vec::new();
-    let started = Instant::now();
-    let mut sent = 0;
-    // Bounded in count and time. Each request is paced to come about when the app's
-    // keep-alive timeout fires (from 2 ms before to 2 ms after), so many land at the edge.
-    while sent < 200 && started.elapsed() < Duration::from_secs(30) {
-        let jitter = Duration::from_micros((sent as u64 * 7919) % 4000);
-        tokio::time::sleep(IDLE - Duration::from_millis(2) + jitter).await;
-        let req = Request::get(tg.url("/")).body(empty()).unwrap();
-        let (status, _, _) = send(&client, req).await.unwrap();
-        if status != StatusCode::OK {
-            failed.push((sent, status));
-        }
-        sent += 1;
-    }
+    let (sent, failed) = paced_at_the_edge(IDLE, 200, Duration::from_secs(30), || {
+        Request::get(tg.url("/")).body(empty()).unwrap()
+    })
+    .await;
     eprintln!(
         "{sent} requests, {} failed, {} replayed",
         failed.len(),
@@ -450,20 +463,10 @@ async fn posts_at_the_apps_keep_alive_timeout_get_no_502() {
     const IDLE: Duration = AT_RISK;
     let app = raw_app(Conduct::KeepAliveTimeout(IDLE)).await;
     let tg = tidegate(app.addr, &[]).await;
-    let client = client();
-    let mut failed = Vec::new();
-    let started = Instant::now();
-    let mut sent = 0;
-    while sent < 250 && started.elapsed() < Duration::from_secs(40) {
-        let jitter = Duration::from_micros((sent as u64 * 7919) % 4000);
-        tokio::time::sleep(IDLE - Duration::from_millis(2) + jitter).await;
-        let req = Request::post(tg.url("/")).body(full("posted")).unwrap();
-        let (status, _, _) = send(&client, req).await.unwrap();
-        if status != StatusCode::OK {
-            failed.push((sent, status));
-        }
-        sent += 1;
-    }
+    let (sent, failed) = paced_at_the_edge(IDLE, 250, Duration::from_secs(40), || {
+        Request::post(tg.url("/")).body(full("posted")).unwrap()
+    })
+    .await;
     let learned = tg.metrics.upstream.upstream_keepalive.get();
     eprintln!(
         "{sent} POSTs, {} failed, app keep-alive learned: {learned} s",
