@@ -87,6 +87,9 @@ pub enum Rejected {
     /// sending before the declared length (400).
     #[error("malformed or incomplete request body")]
     Body(#[source] hyper::Error),
+    /// The client ended its stream (a half-close) before the body was whole (400).
+    #[error("request body cut short by the client's end of stream")]
+    BodyCut,
 }
 
 // === impl Rejected ===
@@ -99,7 +102,7 @@ impl Rejected {
             Rejected::UriTooLong { .. } => StatusCode::URI_TOO_LONG,
             Rejected::TooManyHeaders { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Rejected::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Rejected::BadHost(_) | Rejected::Body(_) => StatusCode::BAD_REQUEST,
+            Rejected::BadHost(_) | Rejected::Body(_) | Rejected::BodyCut => StatusCode::BAD_REQUEST,
         }
     }
 
@@ -110,7 +113,7 @@ impl Rejected {
             Rejected::TooManyHeaders { .. } => "too-many-headers",
             Rejected::BodyTooLarge { .. } => "body-too-large",
             Rejected::BadHost(_) => "bad-host",
-            Rejected::Body(_) => "bad-body",
+            Rejected::Body(_) | Rejected::BodyCut => "bad-body",
         }
     }
 

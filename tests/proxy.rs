@@ -545,6 +545,130 @@ async fn header_read_timeout_closes_slow_clients() {
     assert_eq!(n, 0);
 }
 
+/// A client that shuts down its sending side once its request is written (`nc`, some load
+/// balancers and health checkers) is still answered, as nginx and HAProxy answer it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_closed_client_is_answered() {
+    let app = App::new()
+        .body("answered")
+        .default_delay(Duration::from_millis(200))
+        .start()
+        .await;
+    let tg = tidegate(app.addr, &[]).await;
+    for request in [
+        "GET /slow HTTP/1.1\r\nHost: a\r\n\r\n".to_owned(),
+        "POST /slow HTTP/1.1\r\nHost: a\r\ncontent-length: 5\r\n\r\nhello".to_owned(),
+    ] {
+        let mut stream = TcpStream::connect(tg.addr).await.unwrap();
+        stream.write_all(request.as_bytes()).await.unwrap();
+        stream.shutdown().await.unwrap(); // half-close: nothing more to send
+        let mut text = Vec::new();
+        tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut text))
+            .await
+            .expect("the connection ends once answered")
+            .unwrap();
+        let text = String::from_utf8_lossy(&text);
+        assert!(text.starts_with("HTTP/1.1 200"), "{request:?} got {text:?}");
+        assert!(text.ends_with("answered"), "{text}");
+    }
+}
+
+/// A half-close that cuts the body short is answered with a 400 naming the body, and the app
+/// never gets a whole request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_cut_short_by_a_half_close_is_a_400() {
+    let app = App::new().echo_body_size().start().await;
+    let tg = tidegate(app.addr, &[]).await;
+    let mut stream = TcpStream::connect(tg.addr).await.unwrap();
+    stream
+        .write_all(b"POST /upload HTTP/1.1\r\nHost: a\r\ncontent-length: 10\r\n\r\nhello")
+        .await
+        .unwrap();
+    stream.shutdown().await.unwrap();
+    let mut text = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut text))
+        .await
+        .expect("answered and closed")
+        .unwrap();
+    let text = String::from_utf8_lossy(&text).to_ascii_lowercase();
+    assert!(text.starts_with("http/1.1 400"), "{text}");
+    assert!(text.contains("tidegate-error: bad-body"), "{text}");
+}
+
+/// A half-close while the request still waits in the queue is the client leaving: TCP cannot
+/// tell the two apart, and a request whose client has left must not keep its place and later
+/// reach the app (client retries would fill the queue with them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_closed_client_waiting_in_the_queue_has_left() {
+    let gate = Gate::start().await;
+    let tg = tidegate(
+        gate.addr(),
+        &[
+            "--max-concurrency",
+            "1",
+            "--max-queue",
+            "1",
+            "--queue-timeout",
+            "30s",
+        ],
+    )
+    .await;
+    let held = {
+        let url = tg.url("/held");
+        tokio::spawn(async move { get(&url).await })
+    };
+    gate.wait_arrived(1).await;
+    let mut queued = TcpStream::connect(tg.addr).await.unwrap();
+    queued
+        .write_all(b"GET /queued HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    eventually("queued", Duration::from_secs(10), || {
+        tg.metrics.admission.queued.get() == 1
+    })
+    .await;
+    queued.shutdown().await.unwrap();
+    eventually("its queue place freed", Duration::from_secs(10), || {
+        tg.metrics.admission.queued.get() == 0
+    })
+    .await;
+    gate.release(1);
+    assert_eq!(held.await.unwrap().unwrap().0, StatusCode::OK);
+    assert_eq!(
+        gate.arrived(),
+        1,
+        "the request whose client left never reached the app"
+    );
+}
+
+/// With `--on-client-abort cancel`, a client that shuts down its sending side has left (as
+/// with HAProxy's `option abortonclose`): its upstream request is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_cancel_a_half_closed_client_has_left() {
+    let app = App::new()
+        .default_delay(Duration::from_secs(30))
+        .start()
+        .await;
+    let tg = tidegate(app.addr, &["--on-client-abort", "cancel"]).await;
+    let mut stream = TcpStream::connect(tg.addr).await.unwrap();
+    stream
+        .write_all(b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    eventually("request at the app", Duration::from_secs(10), || {
+        app.hits.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    stream.shutdown().await.unwrap();
+    eventually("slot freed", Duration::from_secs(10), || {
+        tg.metrics.admission.in_flight.get() == 0
+    })
+    .await;
+    let mut text = Vec::new();
+    stream.read_to_end(&mut text).await.unwrap();
+    assert!(text.is_empty(), "{}", String::from_utf8_lossy(&text));
+}
+
 /// Default `--on-client-abort finish`: the app's exchange runs to its end, holding its slot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_abort_finish_keeps_the_slot_until_the_app_is_done() {

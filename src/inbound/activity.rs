@@ -28,6 +28,7 @@ use pin_project_lite::pin_project;
 use tokio::time::Instant;
 use tower::Service;
 
+use crate::outbound::half_close::HalfClose;
 use crate::outbound::headers::connection_has;
 
 /// `head_since` when no request head has started.
@@ -52,6 +53,8 @@ pub(super) struct Activity {
     /// driver (an atomic flag and waker: cheaper than a `Notify` on every request).
     changed: AtomicBool,
     driver: AtomicWaker,
+    /// Set on an HTTP/1.1 connection whose client is answered after a half-close.
+    half_close: Option<HalfClose>,
 }
 
 /// Why the driver should close a connection now.
@@ -98,8 +101,9 @@ pin_project! {
 // === impl Activity ===
 
 impl Activity {
-    /// A connection accepted at `accepted`, whose first request head has started arriving.
-    pub(super) fn new(accepted: Instant) -> Arc<Activity> {
+    /// A connection accepted at `accepted`, whose first request head has started arriving;
+    /// `half_close` if its client is answered after a half-close.
+    pub(super) fn new(accepted: Instant, half_close: Option<HalfClose>) -> Arc<Activity> {
         Arc::new(Activity {
             epoch: accepted,
             in_flight: AtomicUsize::new(0),
@@ -109,6 +113,7 @@ impl Activity {
             parking: AtomicBool::new(false),
             changed: AtomicBool::new(false),
             driver: AtomicWaker::new(),
+            half_close,
         })
     }
 
@@ -122,10 +127,31 @@ impl Activity {
     pub(super) fn start_request(self: &Arc<Self>, parkable: bool) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         self.head_since.store(NONE, Ordering::Release);
+        if let Some(half_close) = &self.half_close {
+            half_close.new_request();
+        }
         self.parkable.store(parkable, Ordering::Release);
         // No wake-up: a busy connection has no deadline, and the driver re-checks the state
         // when its current timer fires. Only changes that bring a deadline forward notify.
         InFlight(self.clone())
+    }
+
+    /// Whether a request is in flight.
+    pub(super) fn busy(&self) -> bool {
+        self.in_flight.load(Ordering::Acquire) > 0
+    }
+
+    /// Whether the client's end of stream now is a half-close to answer: a request in flight
+    /// and admitted (`outbound::half_close`). If so, its body is told the stream ended.
+    pub(super) fn answers_half_close(&self) -> bool {
+        let Some(half_close) = &self.half_close else {
+            return false;
+        };
+        let answers = half_close.answerable() && self.busy();
+        if answers {
+            half_close.client_ended();
+        }
+        answers
     }
 
     /// Bytes arrived from the client.
@@ -315,7 +341,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn busy_idle_and_head_deadlines() {
         let start = Instant::now();
-        let activity = Activity::new(start);
+        let activity = Activity::new(start, None);
         // The first head is arriving from the start.
         assert_eq!(
             activity.deadline(IDLE, Some(HEAD), None),
@@ -348,7 +374,7 @@ mod tests {
         const PARK: Option<Duration> = Some(Duration::from_millis(100));
         const PARKABLE: bool = true;
         let start = Instant::now();
-        let activity = Activity::new(start);
+        let activity = Activity::new(start, None);
         // The first head is arriving: its timeout applies, not parking.
         assert_eq!(
             activity.deadline(IDLE, Some(HEAD), PARK),
@@ -398,7 +424,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn idle_starts_when_the_last_of_several_requests_ends() {
-        let activity = Activity::new(Instant::now());
+        let activity = Activity::new(Instant::now(), None);
         let a = activity.start_request(false);
         let b = activity.start_request(false);
         drop(a);

@@ -1,6 +1,8 @@
 //! The client connection's IO, as hyper sees it. It does two things besides passing bytes:
 //!
 //! - it tells the connection's [`Activity`] when bytes arrive, for the idle and head timeouts;
+//! - it keeps a half-closing client's end of stream from hyper while its admitted, whole
+//!   request is answered (`outbound::half_close`), and hands it over once the answer is done;
 //! - it closes with a linger. When tidegate closes a connection while the client is still
 //!   sending (a 413 for a body too large, a 400, a `Connection: close` during shutdown),
 //!   closing the socket with unread bytes makes the kernel send a reset, and the client may
@@ -34,6 +36,8 @@ pin_project! {
         inner: T,
         activity: Arc<Activity>,
         state: State,
+        // Set once the client's end of stream was kept from hyper: a half-close, answered.
+        half_closed: bool,
         // Boxed so that the IO stays `Unpin`; allocated only when the connection closes.
         deadline: Option<Pin<Box<Sleep>>>,
     }
@@ -56,6 +60,7 @@ impl<T> ConnIo<T> {
             inner,
             activity,
             state: State::Open,
+            half_closed: false,
             deadline: None,
         }
     }
@@ -78,10 +83,25 @@ impl<T: AsyncRead> AsyncRead for ConnIo<T> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.project();
+        if *this.half_closed {
+            // hyper sees the end of stream once the answer is done (its request's guard then
+            // wakes the connection's task).
+            return if this.activity.busy() {
+                Poll::Pending
+            } else {
+                Poll::Ready(Ok(()))
+            };
+        }
         let before = buf.filled().len();
+        let room = buf.remaining() > 0;
         ready!(this.inner.poll_read(cx, buf))?;
         if buf.filled().len() > before {
             this.activity.on_read();
+        } else if room && this.activity.answers_half_close() {
+            // The client shut down its sending side after its request was admitted: keep the
+            // end of stream from hyper, which would take it for the client leaving.
+            *this.half_closed = true;
+            return Poll::Pending;
         }
         Poll::Ready(Ok(()))
     }
@@ -155,7 +175,7 @@ mod tests {
     #[tokio::test]
     async fn shutdown_drains_until_the_peer_closes() {
         let (client, server) = tokio::io::duplex(64);
-        let mut server = ConnIo::new(server, Activity::new(tokio::time::Instant::now()));
+        let mut server = ConnIo::new(server, Activity::new(tokio::time::Instant::now(), None));
         let (mut client_read, mut client_write) = tokio::io::split(client);
         let writer = tokio::spawn(async move {
             // More than the pipe holds: without draining, this would block forever.
@@ -173,7 +193,7 @@ mod tests {
     #[tokio::test]
     async fn shutdown_while_parking_leaves_the_stream_open() {
         let (mut client, server) = tokio::io::duplex(64);
-        let activity = Activity::new(tokio::time::Instant::now());
+        let activity = Activity::new(tokio::time::Instant::now(), None);
         let mut server = ConnIo::new(server, activity.clone());
         activity.set_parking(true);
         server.shutdown().await.unwrap();
@@ -195,7 +215,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn shutdown_gives_up_after_the_linger_time() {
         let (_client, server) = tokio::io::duplex(64);
-        let mut server = ConnIo::new(server, Activity::new(tokio::time::Instant::now()));
+        let mut server = ConnIo::new(server, Activity::new(tokio::time::Instant::now(), None));
         let start = tokio::time::Instant::now();
         server.shutdown().await.unwrap();
         assert_eq!(start.elapsed(), LINGER);

@@ -41,9 +41,10 @@ pub use self::fds::raise_limit as raise_fd_limit;
 use self::hyper_service::HyperService;
 use self::metrics::{ConnectionMetrics, TimeoutReason};
 use self::sideline::Sideline;
-use crate::config::{Config, LiveConfig};
+use crate::config::{ClientAbort, Config, LiveConfig};
 use crate::drain::{Lifecycle, Phase};
 use crate::metrics::LabelValues;
+use crate::outbound::half_close::HalfClose;
 use crate::stack::ProxyStack;
 
 /// hyper's default for `max_headers`; setting any value moves the header array to the heap.
@@ -113,6 +114,9 @@ struct ConnSettings {
     max_header_bytes: usize,
     max_headers: u32,
     h2_max_concurrent_streams: u32,
+    /// Whether an HTTP/1.1 client that half-closes after its request is answered
+    /// (`--on-client-abort finish`).
+    answer_half_close: bool,
 }
 
 /// Accepts connections until the drain starts, spawning each on `connections`.
@@ -237,8 +241,13 @@ async fn serve_connection(
             return;
         }
     };
-    let activity = Activity::new(accepted);
-    let service = HyperService::new(Track::new(cx.stack.service(client_addr), activity.clone()));
+    let half_close =
+        (protocol == Protocol::Http1 && settings.answer_half_close).then(HalfClose::default);
+    let activity = Activity::new(accepted, half_close.clone());
+    let service = HyperService::new(Track::new(
+        cx.stack.service(client_addr, half_close),
+        activity.clone(),
+    ));
     let io = TokioIo::new(ConnIo::new(io, activity.clone()));
     let watch = Watch {
         activity: &activity,
@@ -452,6 +461,7 @@ impl ConnSettings {
             max_header_bytes: a.max_header_bytes.as_u64() as usize,
             max_headers: a.max_headers,
             h2_max_concurrent_streams: a.h2_max_concurrent_streams,
+            answer_half_close: a.on_client_abort == ClientAbort::Finish,
         }
     }
 }

@@ -7,6 +7,7 @@ pub(crate) mod client;
 pub(crate) mod connect;
 mod deadline;
 mod goaway;
+pub(crate) mod half_close;
 pub mod headers;
 pub(crate) mod metrics;
 mod pool;
@@ -33,6 +34,7 @@ use tower::Service;
 
 use self::abandoned::Abandoned;
 use self::deadline::{Elapsed, Within};
+use self::half_close::HalfClose;
 
 use self::metrics::{UpstreamError, UpstreamMetrics};
 use crate::admission::Admitted;
@@ -53,6 +55,9 @@ pub(crate) struct Proxy {
     shared: Arc<Shared>,
     /// The client's address as an `X-Forwarded-For` entry, rendered once per connection.
     client_ip: Option<HeaderValue>,
+    /// For an HTTP/1.1 client answered after a half-close: told when a request is admitted
+    /// and received.
+    half_close: Option<HalfClose>,
 }
 
 /// The exchange with the app for one request, boxed so that it can move to a task of its own.
@@ -143,14 +148,17 @@ impl Proxy {
                 abandoned,
             }),
             client_ip: None,
+            half_close: None,
         }
     }
 
-    /// A copy for one client connection.
-    pub(crate) fn for_client(&self, addr: SocketAddr) -> Proxy {
+    /// A copy for one client connection; `half_close` is set for an HTTP/1.1 connection
+    /// whose client is answered after a half-close.
+    pub(crate) fn for_client(&self, addr: SocketAddr, half_close: Option<HalfClose>) -> Proxy {
         Proxy {
             shared: self.shared.clone(),
             client_ip: Some(headers::client_ip(addr.ip())),
+            half_close,
         }
     }
 }
@@ -183,11 +191,18 @@ impl Service<Admitted<Request<Incoming>>> for Proxy {
         // once the app's is built.
         let upgrade =
             headers::wants_upgrade(request.headers()).then(|| hyper::upgrade::on(&mut request));
+        // Admitted: from now on a half-close is answered. The body, if it is still arriving,
+        // learns from the same state that the client's stream ended.
+        let half_close = self.half_close.as_ref().and_then(|state| {
+            state.admitted();
+            (!http_body::Body::is_end_stream(request.body())).then(|| state.clone())
+        });
         let upstream_request = self.shared.upstream_request(
             request,
             self.client_ip.as_ref(),
             upgrade.is_some(),
             settings,
+            half_close,
         );
         let exchange: BoxedExchange = match upstream_request {
             Ok(upstream_request) => Box::pin(Exchange {
@@ -323,6 +338,7 @@ impl Shared {
         client_ip: Option<&HeaderValue>,
         upgrade: bool,
         settings: Settings,
+        half_close: Option<HalfClose>,
     ) -> Result<Request<RequestBody>, BoxError> {
         let (mut parts, body) = request.into_parts();
         let authority = parts.uri.authority().map(|a| a.as_str().to_owned());
@@ -349,7 +365,7 @@ impl Shared {
         if settings.via {
             headers::add_via(&mut parts.headers);
         }
-        let body = RequestBody::new(body, settings.max_request_body);
+        let body = RequestBody::new(body, settings.max_request_body, half_close);
         Ok(Request::from_parts(parts, body))
     }
 

@@ -2,7 +2,7 @@
 //! bytes stream through.
 
 use std::pin::Pin;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
@@ -10,6 +10,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use crate::error::Rejected;
+use crate::outbound::half_close::HalfClose;
 
 /// The client's request body on its way to the app. Enforces the body size limit as the bytes
 /// stream through, and turns a failure to read the body into [`Rejected`], so the client is
@@ -23,6 +24,9 @@ pub(crate) struct RequestBody {
     inner: Option<Incoming>,
     limit: Option<u64>,
     seen: u64,
+    /// A half-closing client's connection: once its stream has ended, a body still waiting
+    /// for bytes has been cut short.
+    half_close: Option<HalfClose>,
 }
 
 /// What a body read ahead of its send.
@@ -48,13 +52,19 @@ pub(crate) struct Buffered {
 
 impl RequestBody {
     /// Wraps `inner`; more than `limit` bytes (if set) fail the body with
-    /// [`Rejected::BodyTooLarge`].
-    pub(crate) fn new(inner: Incoming, limit: Option<u64>) -> RequestBody {
+    /// [`Rejected::BodyTooLarge`]. With `half_close`, a body cut short by the client's end of
+    /// stream fails with [`Rejected::BodyCut`].
+    pub(crate) fn new(
+        inner: Incoming,
+        limit: Option<u64>,
+        half_close: Option<HalfClose>,
+    ) -> RequestBody {
         RequestBody {
             ahead: None,
             inner: Some(inner),
             limit,
             seen: 0,
+            half_close,
         }
     }
 
@@ -75,6 +85,7 @@ impl RequestBody {
             inner: None,
             limit: None,
             seen: 0,
+            half_close: None,
         }
     }
 
@@ -128,7 +139,22 @@ impl Body for RequestBody {
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
         };
-        match ready!(Pin::new(inner).poll_frame(cx)) {
+        let polled = match Pin::new(inner).poll_frame(cx) {
+            Poll::Ready(polled) => polled,
+            Poll::Pending => {
+                // hyper waits for bytes the client's ended stream will not bring.
+                if this
+                    .half_close
+                    .as_ref()
+                    .is_some_and(|h| h.ended(cx.waker()))
+                {
+                    this.half_close = None;
+                    return Poll::Ready(Some(Err(Rejected::BodyCut)));
+                }
+                return Poll::Pending;
+            }
+        };
+        match polled {
             Some(Ok(frame)) => {
                 if let Some(data) = frame.data_ref() {
                     this.seen = this.seen.saturating_add(data.len() as u64);

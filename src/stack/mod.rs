@@ -23,6 +23,7 @@ use std::net::SocketAddr;
 use tower::ServiceBuilder;
 
 use crate::outbound::Proxy;
+use crate::outbound::half_close::HalfClose;
 use crate::stack::close::{CloseOnShutdown, CloseOnShutdownLayer};
 use crate::stack::coalesce::{Coalesce, CoalesceLayer};
 use crate::stack::limit::{Limit, LimitLayer};
@@ -59,8 +60,13 @@ pub(crate) struct ProxyStack {
 // === impl ProxyStack ===
 
 impl ProxyStack {
-    /// The stack for one client connection from `client_addr`.
-    pub(crate) fn service(&self, client_addr: SocketAddr) -> ConnService {
+    /// The stack for one client connection from `client_addr`; `half_close` is set for an
+    /// HTTP/1.1 connection whose client is answered after a half-close.
+    pub(crate) fn service(
+        &self,
+        client_addr: SocketAddr,
+        half_close: Option<HalfClose>,
+    ) -> ConnService {
         ServiceBuilder::new()
             .layer(self.record.clone())
             .layer(self.close.clone())
@@ -69,6 +75,6 @@ impl ProxyStack {
             .layer(self.route.for_client(client_addr))
             .layer(self.coalesce.clone())
             .layer(self.limit.clone())
-            .service(self.proxy.for_client(client_addr))
+            .service(self.proxy.for_client(client_addr, half_close))
     }
 }
