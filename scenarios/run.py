@@ -73,7 +73,12 @@ class Procs:
     def stop_all(self):
         for p in self.procs:
             if p.poll() is None:
-                p.kill()
+                # A process started in a session of its own (gunicorn: its master and the
+                # workers it forked) goes as a group, so no worker outlives the run.
+                if os.getpgid(p.pid) == p.pid:
+                    os.killpg(p.pid, signal.SIGKILL)
+                else:
+                    p.kill()
                 p.wait()
         self.procs.clear()
 
