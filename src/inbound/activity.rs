@@ -141,9 +141,9 @@ impl Activity {
         self.in_flight.load(Ordering::Acquire) > 0
     }
 
-    /// Whether the client's end of stream now is a half-close to answer: a request in flight
-    /// and admitted (`outbound::half_close`). If so, its body is told the stream ended.
-    pub(super) fn answers_half_close(&self) -> bool {
+    /// The client's stream ended. Returns whether that is a half-close to answer: a request
+    /// in flight and admitted (`outbound::half_close`); if so, its body learns of the end.
+    pub(super) fn on_end_of_stream(&self) -> bool {
         let Some(half_close) = &self.half_close else {
             return false;
         };

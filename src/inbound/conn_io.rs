@@ -1,8 +1,8 @@
 //! The client connection's IO, as hyper sees it. It does two things besides passing bytes:
 //!
 //! - it tells the connection's [`Activity`] when bytes arrive, for the idle and head timeouts;
-//! - it keeps a half-closing client's end of stream from hyper while its admitted, whole
-//!   request is answered (`outbound::half_close`), and hands it over once the answer is done;
+//! - it keeps a half-closing client's end of stream from hyper while its admitted request is
+//!   answered (`outbound::half_close`), and hands it over once the answer is done;
 //! - it closes with a linger. When tidegate closes a connection while the client is still
 //!   sending (a 413 for a body too large, a 400, a `Connection: close` during shutdown),
 //!   closing the socket with unread bytes makes the kernel send a reset, and the client may
@@ -97,7 +97,7 @@ impl<T: AsyncRead> AsyncRead for ConnIo<T> {
         ready!(this.inner.poll_read(cx, buf))?;
         if buf.filled().len() > before {
             this.activity.on_read();
-        } else if room && this.activity.answers_half_close() {
+        } else if room && this.activity.on_end_of_stream() {
             // The client shut down its sending side after its request was admitted: keep the
             // end of stream from hyper, which would take it for the client leaving.
             *this.half_closed = true;

@@ -14,15 +14,10 @@
 //! the request body, waiting for bytes, learns from it that none will come.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::Waker;
 
 use futures_util::task::AtomicWaker;
-
-/// Not admitted yet (queued, refused, or not started).
-const WAITING: u8 = 0;
-/// Admitted to the app.
-const ADMITTED: u8 = 1;
 
 /// Where the connection's current request stands, for its client's half-close.
 #[derive(Clone, Debug, Default)]
@@ -30,7 +25,9 @@ pub(crate) struct HalfClose(Arc<Inner>);
 
 #[derive(Debug, Default)]
 struct Inner {
-    state: AtomicU8,
+    /// Whether the current request was admitted to the app (not queued, refused, or not
+    /// started).
+    admitted: AtomicBool,
     /// Set once the client's stream ended while its request was admitted.
     ended: AtomicBool,
     /// The request body waiting for bytes, woken when the client's stream ends.
@@ -40,17 +37,17 @@ struct Inner {
 impl HalfClose {
     /// A new request started on the connection.
     pub(crate) fn new_request(&self) {
-        self.0.state.store(WAITING, Ordering::Release);
+        self.0.admitted.store(false, Ordering::Release);
     }
 
     /// The request was admitted to the app.
     pub(crate) fn admitted(&self) {
-        self.0.state.store(ADMITTED, Ordering::Release);
+        self.0.admitted.store(true, Ordering::Release);
     }
 
     /// Whether a half-close now leaves a request to answer: it was admitted.
     pub(crate) fn answerable(&self) -> bool {
-        self.0.state.load(Ordering::Acquire) == ADMITTED
+        self.0.admitted.load(Ordering::Acquire)
     }
 
     /// The client's stream ended while its request was admitted.

@@ -55,8 +55,8 @@ pub(crate) struct Proxy {
     shared: Arc<Shared>,
     /// The client's address as an `X-Forwarded-For` entry, rendered once per connection.
     client_ip: Option<HeaderValue>,
-    /// For an HTTP/1.1 client answered after a half-close: told when a request is admitted
-    /// and received.
+    /// For an HTTP/1.1 client answered after a half-close: told when a request is admitted,
+    /// and handed to a body still arriving.
     half_close: Option<HalfClose>,
 }
 
