@@ -595,52 +595,6 @@ async fn a_body_cut_short_by_a_half_close_is_a_400() {
     assert!(text.contains("tidegate-error: bad-body"), "{text}");
 }
 
-/// A half-close while the request still waits in the queue is the client leaving: TCP cannot
-/// tell the two apart, and a request whose client has left must not keep its place and later
-/// reach the app (client retries would fill the queue with them).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_half_closed_client_waiting_in_the_queue_has_left() {
-    let gate = Gate::start().await;
-    let tg = tidegate(
-        gate.addr(),
-        &[
-            "--max-concurrency",
-            "1",
-            "--max-queue",
-            "1",
-            "--queue-timeout",
-            "30s",
-        ],
-    )
-    .await;
-    let held = {
-        let url = tg.url("/held");
-        tokio::spawn(async move { get(&url).await })
-    };
-    gate.wait_arrived(1).await;
-    let mut queued = TcpStream::connect(tg.addr).await.unwrap();
-    queued
-        .write_all(b"GET /queued HTTP/1.1\r\nHost: a\r\n\r\n")
-        .await
-        .unwrap();
-    eventually("queued", Duration::from_secs(10), || {
-        tg.metrics.admission.queued.get() == 1
-    })
-    .await;
-    queued.shutdown().await.unwrap();
-    eventually("its queue place freed", Duration::from_secs(10), || {
-        tg.metrics.admission.queued.get() == 0
-    })
-    .await;
-    gate.release(1);
-    assert_eq!(held.await.unwrap().unwrap().0, StatusCode::OK);
-    assert_eq!(
-        gate.arrived(),
-        1,
-        "the request whose client left never reached the app"
-    );
-}
-
 /// With `--on-client-abort cancel`, a client that shuts down its sending side has left (as
 /// with HAProxy's `option abortonclose`): its upstream request is closed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -220,8 +220,29 @@ async fn route_full_when_the_queue_is_full_too() {
     assert_eq!(held.await.unwrap().unwrap().0, StatusCode::OK);
 }
 
+/// How a queued client goes away.
+enum Leave {
+    /// It closes its connection.
+    Close,
+    /// It shuts down its sending side only: TCP cannot tell that from leaving while the
+    /// request waits, and a request whose client has left must not keep its place and later
+    /// reach the app (client retries would fill the queue with them).
+    HalfClose,
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelled_queued_client_frees_its_place_and_takes_no_slot() {
+    queued_client_leaves(Leave::Close).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_closed_client_waiting_in_the_queue_has_left() {
+    queued_client_leaves(Leave::HalfClose).await;
+}
+
+/// A client whose request waits in the queue goes away as `leave` says: its place is freed at
+/// once and its request never reaches the app.
+async fn queued_client_leaves(leave: Leave) {
     let gate = Gate::start().await;
     let tg = tidegate(
         gate.addr(),
@@ -246,7 +267,10 @@ async fn cancelled_queued_client_frees_its_place_and_takes_no_slot() {
         tg.metrics.admission.queued.get() == 1
     })
     .await;
-    drop(queued);
+    match leave {
+        Leave::Close => drop(queued),
+        Leave::HalfClose => queued.shutdown().await.unwrap(),
+    }
     eventually("queue place freed", Duration::from_secs(5), || {
         tg.metrics.admission.queued.get() == 0
     })

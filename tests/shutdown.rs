@@ -194,12 +194,7 @@ async fn second_signal_skips_the_delay_and_sigquit_exits_at_once() {
     );
     wait_admin_ready(bin.admin).await;
     bin.signal(Signal::SIGTERM);
-    let admin = bin.admin;
-    eventually_async("not ready", Duration::from_secs(5), || async move {
-        get(&format!("http://{admin}/readyz")).await.map(|r| r.0)
-            == Ok(StatusCode::SERVICE_UNAVAILABLE)
-    })
-    .await;
+    wait_admin_unready(bin.admin, "not ready", Duration::from_secs(5)).await;
     let start = Instant::now();
     bin.signal(Signal::SIGINT);
     let code = tokio::task::spawn_blocking(move || bin.wait_exit(Duration::from_secs(10)))
@@ -355,14 +350,10 @@ async fn prestop_then_sigterm_keeps_the_delay() {
         let url = format!("http://{}/prestop", bin.admin);
         tokio::spawn(async move { get(&url).await })
     };
-    let admin = bin.admin;
-    eventually_async(
+    wait_admin_unready(
+        bin.admin,
         "shutdown started by /prestop",
         Duration::from_secs(5),
-        || async move {
-            get(&format!("http://{admin}/readyz")).await.map(|r| r.0)
-                == Ok(StatusCode::SERVICE_UNAVAILABLE)
-        },
     )
     .await;
     bin.signal(Signal::SIGTERM);

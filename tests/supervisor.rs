@@ -56,12 +56,7 @@ async fn child_gets_sigterm_only_after_the_drain_and_its_exit_code_passes_throug
     )
     .await;
     bin.signal(Signal::SIGTERM);
-    let admin = bin.admin;
-    eventually_async("not ready", Duration::from_secs(2), || async move {
-        get(&format!("http://{admin}/readyz")).await.map(|r| r.0)
-            == Ok(StatusCode::SERVICE_UNAVAILABLE)
-    })
-    .await;
+    wait_admin_unready(bin.admin, "not ready", Duration::from_secs(2)).await;
     // Still in the delay: the child has not been signalled and still serves.
     assert!(!marker.exists(), "the child got SIGTERM before the drain");
     assert_eq!(
@@ -184,16 +179,7 @@ async fn child_dying_on_its_own_fails_readiness_and_exits_with_its_code() {
     gate.wait_arrived(1).await;
     let start = Instant::now();
     std::fs::write(&go, "").unwrap(); // the child exits
-    let admin = bin.admin;
-    eventually_async(
-        "readiness failing",
-        Duration::from_secs(10),
-        || async move {
-            get(&format!("http://{admin}/readyz")).await.map(|r| r.0)
-                == Ok(StatusCode::SERVICE_UNAVAILABLE)
-        },
-    )
-    .await;
+    wait_admin_unready(bin.admin, "readiness failing", Duration::from_secs(10)).await;
     assert!(
         start.elapsed() < Duration::from_secs(10),
         "the 30 s delay is skipped for a dead app"

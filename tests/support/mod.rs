@@ -799,6 +799,16 @@ pub async fn wait_admin_ready(admin: SocketAddr) {
     .await;
 }
 
+/// Waits (at most `within`) until `/readyz` on `admin` fails with a 503; `what` names the
+/// wait if it times out.
+pub async fn wait_admin_unready(admin: SocketAddr, what: &str, within: Duration) {
+    eventually_async(what, within, || async move {
+        get(&format!("http://{admin}/readyz")).await.map(|r| r.0)
+            == Ok(StatusCode::SERVICE_UNAVAILABLE)
+    })
+    .await;
+}
+
 /// Resident memory of process `pid` in KiB.
 pub fn rss_kib_of(pid: i32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
