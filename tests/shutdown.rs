@@ -148,12 +148,7 @@ async fn sigterm_walkthrough(extra: &[&str]) {
 
     let (status, _, body) = long.await.unwrap().unwrap();
     assert_eq!((status, body.as_str()), (StatusCode::OK, "done /slow"));
-    let code = tokio::task::spawn_blocking(move || {
-        let code = bin.wait_exit(Duration::from_secs(10));
-        (code, bin.log())
-    })
-    .await
-    .unwrap();
+    let code = bin.exit_and_log(Duration::from_secs(10)).await;
     assert_eq!(code.0, 0, "{}", code.1);
     for phase in ["Shutdown: delay", "Shutdown: drain", "Shutdown: drained"] {
         assert!(code.1.contains(phase), "{phase} logged: {}", code.1);
@@ -163,7 +158,7 @@ async fn sigterm_walkthrough(extra: &[&str]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_timeout_with_a_hung_request_exits_with_the_distinct_code() {
     let gate = Gate::start().await;
-    let mut bin = Binary::start(
+    let bin = Binary::start(
         &format!("http://{}", gate.addr()),
         &["--shutdown-delay", "0s", "--drain-timeout", "500ms"],
     );
@@ -174,12 +169,7 @@ async fn drain_timeout_with_a_hung_request_exits_with_the_distinct_code() {
     };
     gate.wait_arrived(1).await;
     bin.signal(Signal::SIGTERM);
-    let (code, log) = tokio::task::spawn_blocking(move || {
-        let code = bin.wait_exit(Duration::from_secs(10));
-        (code, bin.log())
-    })
-    .await
-    .unwrap();
+    let (code, log) = bin.exit_and_log(Duration::from_secs(10)).await;
     assert_eq!(code, tidegate::EXIT_DRAIN_TIMEOUT, "{log}");
     assert!(log.contains("1 requests cut off"), "{log}");
     assert!(hung.await.unwrap().is_err(), "the hung request was cut");

@@ -25,7 +25,7 @@ async fn child_gets_sigterm_only_after_the_drain_and_its_exit_code_passes_throug
     let port_s = port.to_string();
     let marker_s = marker.display().to_string();
     let fixture = fixture();
-    let mut bin = Binary::start_with(
+    let bin = Binary::start_with(
         &format!("http://127.0.0.1:{port}"),
         &[
             "--shutdown-delay",
@@ -66,12 +66,7 @@ async fn child_gets_sigterm_only_after_the_drain_and_its_exit_code_passes_throug
 
     let (status, _, body) = long.await.unwrap().unwrap();
     assert_eq!(status, StatusCode::OK, "{body}");
-    let (code, log) = tokio::task::spawn_blocking(move || {
-        let code = bin.wait_exit(Duration::from_secs(20));
-        (code, bin.log())
-    })
-    .await
-    .unwrap();
+    let (code, log) = bin.exit_and_log(Duration::from_secs(20)).await;
     assert_eq!(code, 7, "the child's exit code passes through: {log}");
     assert_eq!(std::fs::read_to_string(&marker).unwrap(), "TERM\n");
     let drained = log.find("Shutdown: drained").expect("drained logged");
@@ -165,7 +160,7 @@ async fn child_dying_on_its_own_fails_readiness_and_exits_with_its_code() {
         "while [ ! -e {} ]; do sleep 0.05; done; exit 5",
         go.display()
     );
-    let mut bin = Binary::start_with(
+    let bin = Binary::start_with(
         &format!("http://{}", gate.addr()),
         &["--shutdown-delay", "30s", "--drain-timeout", "20s"],
         &["sh", "-c", &script],
@@ -191,12 +186,7 @@ async fn child_dying_on_its_own_fails_readiness_and_exits_with_its_code() {
         StatusCode::OK,
         "the request in flight is answered: {body}"
     );
-    let (code, log) = tokio::task::spawn_blocking(move || {
-        let code = bin.wait_exit(Duration::from_secs(20));
-        (code, bin.log())
-    })
-    .await
-    .unwrap();
+    let (code, log) = bin.exit_and_log(Duration::from_secs(20)).await;
     assert_eq!(code, 5, "{log}");
     assert!(log.contains("App exited on its own"), "{log}");
     let _ = std::fs::remove_dir_all(&dir);
@@ -242,19 +232,14 @@ async fn start_stuck_child(name: &str, flags: &[&str]) -> (Binary, PathBuf, Path
 /// with its status (128 + 9).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_child_that_ignores_sigterm_is_killed_after_the_stop_timeout() {
-    let (mut bin, dir, marker, _) = start_stuck_child(
+    let (bin, dir, marker, _) = start_stuck_child(
         "stuck",
         &["--shutdown-delay", "0s", "--child-stop-timeout", "1s"],
     )
     .await;
     bin.signal(Signal::SIGTERM);
     let started = Instant::now();
-    let (code, log) = tokio::task::spawn_blocking(move || {
-        let code = bin.wait_exit(Duration::from_secs(20));
-        (code, bin.log())
-    })
-    .await
-    .unwrap();
+    let (code, log) = bin.exit_and_log(Duration::from_secs(20)).await;
     assert_eq!(code, 128 + 9, "killed: {log}");
     assert_eq!(std::fs::read_to_string(&marker).unwrap(), "TERM\n", "{log}");
     assert!(
@@ -267,7 +252,7 @@ async fn a_child_that_ignores_sigterm_is_killed_after_the_stop_timeout() {
 /// A third signal exits at once (128 + the signal), delay or not, and takes the child down.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_third_signal_exits_at_once_and_the_child_goes_with_it() {
-    let (mut bin, dir, _, port) = start_stuck_child("third", &["--shutdown-delay", "60s"]).await;
+    let (bin, dir, _, port) = start_stuck_child("third", &["--shutdown-delay", "60s"]).await;
     let child_url = format!("http://127.0.0.1:{port}/direct");
     assert_eq!(get(&child_url).await.unwrap().0, StatusCode::OK);
     let started = Instant::now();
@@ -281,12 +266,7 @@ async fn a_third_signal_exits_at_once_and_the_child_goes_with_it() {
         .await;
     }
     bin.signal(Signal::SIGTERM);
-    let (code, log) = tokio::task::spawn_blocking(move || {
-        let code = bin.wait_exit(Duration::from_secs(10));
-        (code, bin.log())
-    })
-    .await
-    .unwrap();
+    let (code, log) = bin.exit_and_log(Duration::from_secs(10)).await;
     assert_eq!(code, 128 + 15, "{log}");
     assert!(
         started.elapsed() < Duration::from_secs(10),

@@ -664,6 +664,17 @@ impl Binary {
         }
     }
 
+    /// [`Binary::wait_exit`] off the async runtime, for async tests: the exit code and the
+    /// whole log.
+    pub async fn exit_and_log(mut self, within: Duration) -> (i32, String) {
+        tokio::task::spawn_blocking(move || {
+            let code = self.wait_exit(within);
+            (code, self.log())
+        })
+        .await
+        .unwrap()
+    }
+
     /// Everything logged so far.
     pub fn log(&self) -> String {
         self.stderr.lock().unwrap().clone()
